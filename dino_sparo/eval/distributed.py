@@ -20,10 +20,10 @@ class DistContext:
         return self.rank == 0
 
 
-def init_distributed(prefer_cuda: bool = True) -> DistContext:
+def init_distributed() -> DistContext:
     """Joins the process group torchrun describes (RANK/WORLD_SIZE/LOCAL_RANK in the environment: nccl on
     CUDA, gloo on CPU); a plain ``python script.py`` runs as a world of one with no process group."""
-    use_cuda = prefer_cuda and torch.cuda.is_available()
+    use_cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

@@ -22,7 +22,7 @@ from .slots import SlotScore, parse_slots, per_slot_knn, restrict_to_slots, sele
 def evaluate_knn(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the evaluation ``args`` describe and returns (on every rank) what it printed, as a dict."""
     _check_args(args)
-    context = distributed.init_distributed(prefer_cuda=args.use_cuda)
+    context = distributed.init_distributed()
     try:
         return _evaluate(args, context)
     finally:
@@ -52,7 +52,7 @@ def _evaluate(args: argparse.Namespace, context: DistContext) -> dict[str, Any]:
     train_features, train_labels, test_features, test_labels, num_classes = _features(args, context, model)
     if train_features.shape[1] != model.feature_dim and (args.slots or args.per_slot or args.select_slots):
         raise UserError(f"the features have {train_features.shape[1]} dimensions but the model's encoding "
-                            f"has {model.feature_dim}: slots cannot be located")
+                        f"has {model.feature_dim}: slots cannot be located")
     store = context.device if args.use_cuda else torch.device("cpu")
     train_features, test_features = train_features.to(store), test_features.to(store)
     train_labels, test_labels = train_labels.to(store), test_labels.to(store)

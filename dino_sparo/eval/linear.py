@@ -65,6 +65,7 @@ class ProbeFeatures(nn.Module):
         if backbone.readout != "cls":
             readout_dim = len(slots) * slot_dim if slots is not None else backbone.feature_dim
         self.feature_dim = readout_dim + backbone.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
+        self.eval()
 
     def describe(self) -> str:
         parts = []

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..checkpoint import load_checkpoint_file, load_weights, select_state_dict, strip_prefixes
+from ..checkpoint import _summarise, load_checkpoint_file, load_weights, select_state_dict, strip_prefixes
 from ..cli import UserError, add_model_args, build_model_from_config, positive_int, resolve_model_config
 from ..models import ARCHS, VisionTransformer
 
@@ -70,15 +70,16 @@ def load_frozen_backbone(args: argparse.Namespace, log: bool = True) -> tuple[Vi
     model = build_model_from_config(config)
     report = load_weights(model, state_dict, "backbone")
     if report.missing:
+        unused = _summarise(report.unused) or "none"
         raise UserError(f"{path} (key {args.checkpoint_key!r}) does not hold weights for this architecture "
                         f"({config['arch']}, depth {config['depth']}, read-out {config['readout']}): missing "
-                        f"{_summary(report.missing)}; unused from the checkpoint: {_summary(report.unused) or 'none'}")
+                        f"{_summarise(report.missing)}; unused from the checkpoint: {unused}")
     if log:
         described = ", ".join(f"{k}={v}" for k, v in config.items())
         print(f"loaded {len(report.loaded)} tensors from {path} (key {args.checkpoint_key!r}); model: {described}",
               flush=True)
         if report.unused:
-            print(f"unused from the checkpoint: {_summary(report.unused)}", flush=True)
+            print(f"unused from the checkpoint: {_summarise(report.unused)}", flush=True)
     model.requires_grad_(False)
     model.eval()
     return model, config
@@ -99,20 +100,11 @@ def _infer_from_weights(state_dict: Mapping[str, Any], flags: dict[str, Any]) ->
 
 def _depth_of(state_dict: Mapping[str, Any], config: Mapping[str, Any]) -> int:
     """Depth before any SPARO replacement, read from the block indices of a checkpoint without saved args."""
-    indices = [int(key.split(".")[1]) for key in state_dict if key.startswith("blocks.") and key.split(".")[1].isdigit()]
+    indices = [int(match.group(1)) for key in state_dict if (match := re.match(r"^blocks\.(\d+)\.", key))]
     if not indices:
         return config["depth"]
     remaining = max(indices) + 1
     return remaining + (config["sparo_replace_blocks"] if config["readout"] == "sparo" else 0)
-
-
-def _summary(keys: list[str]) -> str:
-    groups: dict[str, int] = {}
-    for key in keys:
-        parts = key.split(".")
-        group = ".".join(parts[:2]) + ".*" if parts[0] == "blocks" else (parts[0] + ".*" if len(parts) > 1 else key)
-        groups[group] = groups.get(group, 0) + 1
-    return ", ".join(groups)
 
 
 def check_eval_args(args: argparse.Namespace, config: Mapping[str, Any]) -> None:
