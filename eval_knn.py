@@ -13,7 +13,7 @@ from dino_sparo.eval.pretrained import add_common_eval_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Evaluation with weighted k-NN on frozen features", add_help=True)
+    parser = argparse.ArgumentParser(description="Evaluation with weighted k-NN on frozen features")
     add_common_eval_args(parser, data_required=False)
     parser.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=positive_int,
                         help="numbers of nearest neighbours to evaluate (20 is usually the best)")

@@ -13,7 +13,7 @@ from dino_sparo.eval.pretrained import add_common_eval_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Evaluation with linear classification on frozen features", add_help=True)
+    parser = argparse.ArgumentParser(description="Evaluation with linear classification on frozen features")
     add_common_eval_args(parser)
     parser.add_argument("--n_last_blocks", type=int, default=None,
                         help="concatenate the CLS tokens of the last n blocks (default: 4 for the cls read-out, as "

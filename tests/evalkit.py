@@ -58,6 +58,7 @@ def write_main_dino_checkpoint(path: str, seed: int = 0, **model_overrides: Any)
     args = dict(config, out_dim=256, lr=0.0005, epochs=1, data_path="/nowhere", output_dir=os.path.dirname(path),
                 global_crops_scale=[0.4, 1.0])
     checkpoint = {"student": student_state, "teacher": teacher.state_dict(),
-                  "optimizer": {"state": {}, "param_groups": []}, "epoch": 1, "args": args, "dino_loss": {"center": torch.zeros(1, 256)}}
+                  "optimizer": {"state": {}, "param_groups": []}, "epoch": 1, "args": args,
+                  "dino_loss": {"center": torch.zeros(1, 256)}}
     torch.save(checkpoint, path)
     return config

@@ -139,7 +139,7 @@ def _run(args: argparse.Namespace, context: DistContext) -> dict[str, Any]:
     val_loader = ordered_loader(shard(val_set, context.rank, context.world_size), args.batch_size_per_gpu,
                                 args.num_workers, pin_memory=context.device.type == "cuda")
     if args.evaluate:
-        _load_classifier(classifier, args.linear_weights)
+        _load_classifier(classifier, args.linear_weights, features.describe())
         stats = validate(features, classifier, val_loader, context.device)
         log(f"Accuracy of the network on the {len(val_set)} test images: {stats['acc1']:.1f}% "
             f"(top-5 {stats['acc5']:.1f}%)")
@@ -164,7 +164,8 @@ def _run(args: argparse.Namespace, context: DistContext) -> dict[str, Any]:
     history = []
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
-        torch.manual_seed(args.seed + epoch)  # augmentations depend on the epoch only, so a resumed run matches
+        # Augmentations depend on (epoch, rank) only, so a resumed run repeats the uninterrupted one.
+        torch.manual_seed(args.seed + epoch * context.world_size + context.rank)
         train_stats = train_one_epoch(features, ddp_classifier, optimizer, train_loader, context.device)
         scheduler.step()
         record: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
@@ -241,9 +242,14 @@ def validate(features: ProbeFeatures, classifier: nn.Module, loader: DataLoader,
             "loss": float(sums[0] / count)}
 
 
-def _load_classifier(classifier: LinearClassifier, path: str) -> None:
-    """Linear weights from an eval_linear checkpoint (ours or the reference's, ``module.`` prefixes allowed)."""
-    state_dict = strip_prefixes(select_state_dict(load_checkpoint_file(path), "state_dict", path))
+def _load_classifier(classifier: LinearClassifier, path: str, features: str) -> None:
+    """Linear weights from an eval_linear checkpoint (ours or the reference's, ``module.`` prefixes allowed),
+    refused when it records other features than ``features``."""
+    checkpoint = load_checkpoint_file(path)
+    trained_on = checkpoint.get("features", features) if isinstance(checkpoint, dict) else features
+    if trained_on != features:
+        raise UserError(f"{path} was trained on {trained_on}, not on {features}: use the same feature flags")
+    state_dict = strip_prefixes(select_state_dict(checkpoint, "state_dict", path))
     report = load_weights(classifier, state_dict, "linear classifier")
     if report.missing:
         raise UserError(f"{path} holds no linear classifier weights (missing {', '.join(report.missing)})")
@@ -258,10 +264,7 @@ def _resume(path: str, classifier: LinearClassifier, optimizer: torch.optim.Opti
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{path} is not an eval_linear checkpoint (no state_dict); move it away or choose "
                         f"another --output_dir")
-    if checkpoint.get("features", features) != features:
-        raise UserError(f"{path} was trained on {checkpoint['features']}, not on {features}: choose another "
-                        f"--output_dir or the same feature flags")
-    _load_classifier(classifier, path)
+    _load_classifier(classifier, path, features)
     try:
         saved_epochs = checkpoint["scheduler"]["T_max"]
         if saved_epochs != scheduler.T_max:
