@@ -126,7 +126,7 @@ def test_dino_checkpoint_without_args_draws_heads_only(files, tmp_path, capsys):
     visualize_sparo.main(["--pretrained_weights", str(files / "dino.pth"), "--images", str(files / "exact"),
                           "--image_size", "32", "48", "--tile_size", "32", "--output_dir", str(out),
                           "--device", "cpu"])
-    assert "readout cls" in capsys.readouterr().out
+    assert "readout=cls" in capsys.readouterr().out
     assert not (out / "slots.png").exists()
     assert Image.open(out / "heads.png").size == (48 + 2 * GAP, 3 * (LABEL_HEIGHT + 32) + 4 * GAP)
     assert json.loads((out / "summary.json").read_text())["readout"] == "cls"
@@ -139,7 +139,7 @@ def test_dino_checkpoint_without_args_draws_heads_only(files, tmp_path, capsys):
     ("cls model", ["--images", "{root}/exact", "--top_slots", "2", "--pretrained_weights", "{root}/dino.pth"],
      "no SPARO slots"),
     ("sparo flag, no sparo weights", ["--images", "{root}/exact", "--slots", "0", "--readout", "sparo",
-                                      "--pretrained_weights", "{root}/dino.pth"], "holds no SPARO weights"),
+                                      "--pretrained_weights", "{root}/dino.pth"], "missing sparo.*"),
 ])
 def test_bad_inputs_give_one_line_error(files, tmp_path, capsys, case, extra, message):
     argv = ["--pretrained_weights", str(files / "checkpoint.pth"), "--image_size", "32",

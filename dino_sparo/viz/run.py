@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from ..cli import UserError
+from ..eval.pretrained import load_frozen_backbone
 from . import render
 from .attention import PEAKEDNESS_HELP, head_cls_attention, patch_grid, peakedness, slot_attention
 from .images import PreparedImage, find_images, prepare_images
-from .model import load_model
 
 DEFAULT_TOP_SLOTS = 16
 
@@ -47,19 +47,13 @@ def _check_device(name: str) -> None:
         raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
 
 
-def _check_slot_request(args: argparse.Namespace, model: torch.nn.Module, has_slot_weights: bool) -> bool:
+def _check_slot_request(args: argparse.Namespace, model: torch.nn.Module) -> bool:
     """Whether to draw slots; a request that cannot be met is a :class:`UserError`."""
     asked = args.slots is not None or args.top_slots is not None
     if model.sparo is None:
         if asked:
             raise UserError(f"{args.pretrained_weights} is a {model.readout!r} read-out model with no SPARO slots; "
                             f"drop --slots/--top_slots to draw the per-head CLS attention only")
-        return False
-    if not has_slot_weights:
-        if asked:
-            raise UserError(f"{args.pretrained_weights} holds no SPARO weights (sparo.*), so its slots would be a "
-                            f"random initialisation; drop --slots/--top_slots or pass --readout cls")
-        print("warning: the checkpoint holds no SPARO weights; drawing the per-head CLS attention only", flush=True)
         return False
     num_slots = model.sparo.num_slots
     out_of_range = [slot for slot in args.slots or [] if slot >= num_slots]
@@ -89,8 +83,9 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir} exists and is not a folder")
     paths = find_images(args.images, args.max_images)
-    model, has_slot_weights = load_model(args)
-    draw_slots = _check_slot_request(args, model, has_slot_weights)
+    model, _ = load_frozen_backbone(args)
+    model.to(args.device)
+    draw_slots = _check_slot_request(args, model)
     patch_size = model.patch_embed.patch_size[0]
     images = prepare_images(paths, args.image_size, patch_size)
 
