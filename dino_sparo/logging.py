@@ -50,13 +50,11 @@ class SmoothedValue:
 
 
 class MetricLogger:
-    """Collects per-iteration metrics (tensors or numbers) and prints a progress line every ``log_freq``."""
+    """Collects per-iteration metrics (tensors or numbers) and formats progress lines."""
 
-    def __init__(self, header: str, num_iters: int, log_freq: int = 10, enabled: bool = True) -> None:
+    def __init__(self, header: str, num_iters: int) -> None:
         self.header = header
         self.num_iters = num_iters
-        self.log_freq = max(1, log_freq)
-        self.enabled = enabled
         self.meters: dict[str, SmoothedValue] = {}
         self._pending: list[tuple[str, torch.Tensor | float]] = []
         self.start = time.time()

@@ -8,7 +8,7 @@ from PIL import Image
 
 from dino_sparo.cli import UserError
 from dino_sparo.data import DataAugmentationDINO, ImageDataset, ensure_demo_dataset, scan_image_folder
-from dino_sparo.data.datasets import DEMO_SHAPES
+from dino_sparo.data.datasets import DEMO_CLASS_LABEL, DEMO_COLOURS, DEMO_SHAPES
 
 
 def write_images(folder, count, size=20, start=0):
@@ -75,8 +75,9 @@ def test_demo_dataset_layout_and_determinism(tmp_path):
     assert len(rows) == 16
     assert set(rows[0]) >= {"split", "path", "shape", "colour", "size", "x", "y", "background"}
     for row in rows:
-        # the class folder is the shape; every image exists, at the requested size
-        assert row["path"].split(os.sep)[:2] == [row["split"], row["shape"]] and row["shape"] in DEMO_SHAPES
+        # the class folder is the recorded label; every image exists, at the requested size
+        assert row["path"].split(os.sep)[:2] == [row["split"], row[DEMO_CLASS_LABEL]]
+        assert row["shape"] in DEMO_SHAPES and row["colour"] in DEMO_COLOURS
         with Image.open(os.path.join(first, row["path"])) as image:
             assert image.size == (32, 32)
 
@@ -85,7 +86,7 @@ def test_demo_dataset_layout_and_determinism(tmp_path):
 
     assert digest(first) == digest(second)
     train = ImageDataset(os.path.join(first, "train"))
-    assert len(train) == 12 and set(train.classes) <= set(DEMO_SHAPES)
+    assert len(train) == 12 and set(train.classes) <= set(DEMO_COLOURS)
     # generated once: a second call with the same parameters reuses the folder untouched
     stamp = os.path.getmtime(os.path.join(first, "info.json"))
     assert ensure_demo_dataset(first, num_train=12, num_val=4, image_size=32, seed=3, verbose=False) == first
