@@ -140,3 +140,61 @@ def load_pretrained_weights(model: nn.Module, path: str | os.PathLike, checkpoin
     if verbose:
         print(f"weights from {os.fspath(path)} (key {checkpoint_key!r}):\n{report}", flush=True)
     return report
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Writes ``state`` with ``torch.save`` to a temporary file next to ``path``, flushes it to disk and
+    renames it over ``path``, so a crash mid-save leaves the previous checkpoint intact."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(dict(state), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def restart_from_checkpoint(path: str | os.PathLike, **objects: Any) -> dict[str, Any] | None:
+    """Restores every object given by keyword (anything with ``load_state_dict``) from the entry of the same
+    name in the checkpoint at ``path``. Returns the checkpoint (for its ``epoch`` and ``args``), or None when
+    there is no file. Model weights load strictly: resuming into a different architecture is a
+    :class:`UserError`, not a silent partial load."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return None
+    checkpoint = load_checkpoint_file(path)
+    if not isinstance(checkpoint, Mapping):
+        raise UserError(f"{path} is not a training checkpoint (found {type(checkpoint).__name__})")
+    for name, obj in objects.items():
+        if obj is None:
+            continue
+        if name not in checkpoint or checkpoint[name] is None:
+            raise UserError(f"{path} has no {name!r} entry to resume from")
+        try:
+            if isinstance(obj, nn.Module):
+                state = strip_prefixes_keep_wrapper(checkpoint[name])
+                obj.load_state_dict(state, strict=True)
+            else:
+                obj.load_state_dict(checkpoint[name])
+        except (RuntimeError, ValueError, KeyError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"cannot resume {name} from {path}: {first_line} (was it written with other "
+                            f"architecture flags? use another --output_dir to start afresh)") from None
+    return dict(checkpoint)
+
+
+def strip_prefixes_keep_wrapper(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Removes only DDP's ``module.`` and torch.compile's ``_orig_mod.``, keeping ``backbone.``/``head.``
+    (the multi-crop wrapper's own layout)."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        cleaned[key] = value
+    return cleaned

@@ -1,0 +1,108 @@
+"""Launches main_dino.py training on Slurm through submitit, requeued on preemption or timeout.
+
+Example: ``python run_with_submitit.py --nodes 2 --ngpus 8 --data_path /path/train --arch vit_small``.
+Jobs write under ``--shared_dir`` (default ``$DINO_SPARO_SHARED``, else ``./experiments``) in a folder named
+after the job id unless ``--output_dir`` is given; a requeued job resumes from its ``checkpoint.pth``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import submitit
+
+from dino_sparo.cli import UserError, run_cli
+from dino_sparo.train import get_args_parser, validate_args
+
+CODE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = get_args_parser()
+    parser.description = "Submitit launcher for DINO-SPARO pretraining"
+    group = parser.add_argument_group("submitit / Slurm")
+    group.add_argument("--ngpus", type=int, default=8, help="GPUs (and training processes) per node")
+    group.add_argument("--nodes", type=int, default=2, help="number of nodes")
+    group.add_argument("--timeout", type=int, default=2800, help="job time limit in minutes")
+    group.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's)")
+    group.add_argument("--use_volta32", action="store_true", help="request 32 GB V100s (constraint volta32gb)")
+    group.add_argument("--comment", default="", help="Slurm comment, e.g. for priority requests")
+    group.add_argument("--shared_dir", default=os.environ.get("DINO_SPARO_SHARED") or os.path.abspath("experiments"),
+                       help="shared folder for job logs and, by default, outputs (env DINO_SPARO_SHARED)")
+    group.add_argument("--cpus_per_task", type=int, default=10, help="CPU cores per training process")
+    group.add_argument("--mem_per_gpu_gb", type=int, default=40, help="host memory per GPU in GB")
+    group.add_argument("--job_name", default="dino_sparo", help="Slurm job name")
+    group.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
+                       help="submitit executor: slurm (default when available), local (subprocesses on this "
+                       "machine, e.g. CPU tests) or debug (in this process)")
+    parser.set_defaults(output_dir="")
+    return parser.parse_args(argv)
+
+
+class Trainer:
+    """The submitted callable; submitit calls :meth:`checkpoint` on preemption or timeout to requeue it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+
+    def __call__(self) -> None:
+        if CODE_DIR not in sys.path:
+            sys.path.insert(0, CODE_DIR)
+        from dino_sparo.distributed import destroy_distributed
+        from dino_sparo.train import train_dino
+
+        self._setup_environment()
+        try:
+            train_dino(self.args)
+        finally:
+            destroy_distributed()
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        # The per-epoch checkpoint.pth in output_dir is what the requeued job resumes from.
+        print(f"requeuing: training resumes from {os.path.join(self.args.output_dir, 'checkpoint.pth')}", flush=True)
+        return submitit.helpers.DelayedSubmission(type(self)(self.args))
+
+    def _setup_environment(self) -> None:
+        job_env = submitit.JobEnvironment()
+        self.args.output_dir = self.args.output_dir.replace("%j", str(job_env.job_id))
+        if job_env.num_tasks > 1:
+            # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for env:// initialisation.
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        print(f"process {job_env.global_rank} of {job_env.num_tasks} on {job_env.hostname}", flush=True)
+
+
+def submit(args: argparse.Namespace) -> submitit.Job:
+    validate_args(args)
+    if not args.output_dir:
+        args.output_dir = os.path.join(args.shared_dir, "%j")
+    try:
+        os.makedirs(args.shared_dir, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create --shared_dir {args.shared_dir}: {error.strerror}") from None
+    executor = submitit.AutoExecutor(folder=os.path.join(args.shared_dir, "%j"), cluster=args.cluster,
+                                     slurm_max_num_timeout=30)
+    tasks_per_node = max(1, args.ngpus)
+    extra = {}
+    if args.partition:
+        extra["slurm_partition"] = args.partition
+    if args.use_volta32:
+        extra["slurm_constraint"] = "volta32gb"
+    if args.comment:
+        extra["slurm_comment"] = args.comment
+    executor.update_parameters(
+        name=args.job_name, mem_gb=args.mem_per_gpu_gb * tasks_per_node, gpus_per_node=args.ngpus,
+        tasks_per_node=tasks_per_node, cpus_per_task=args.cpus_per_task, nodes=args.nodes,
+        timeout_min=args.timeout, slurm_signal_delay_s=120, **extra)
+    job = executor.submit(Trainer(args))
+    print(f"submitted job {job.job_id}; logs in {os.path.join(args.shared_dir, str(job.job_id))}", flush=True)
+    return job
+
+
+def main(argv: Sequence[str] | None = None) -> submitit.Job:
+    return submit(parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)

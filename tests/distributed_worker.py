@@ -1,0 +1,28 @@
+"""Run by tests/test_distributed.py under torchrun: trains a few iterations, then saves what each rank holds."""
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dino_sparo.distributed import destroy_distributed, get_rank, get_world_size  # noqa: E402
+from dino_sparo.loss import DINOLoss  # noqa: E402
+from dino_sparo.train import parse_args, train_dino  # noqa: E402
+
+
+def main() -> None:
+    out = sys.argv[-1]
+    result = train_dino(parse_args(sys.argv[1:-1]))
+    rank = get_rank()
+    probe = DINOLoss(8, 2, 0.04, 0.04, 0, 1)
+    probe.update_center(torch.arange(8.0).repeat(4, 1) + rank)  # rank r contributes rows arange(8) + r
+    torch.save({"teacher": result.teacher.state_dict(), "center": result.dino_loss.center.clone(),
+                "probe_center": probe.center.clone(), "world_size": get_world_size()},
+               os.path.join(out, f"rank{rank}.pt"))
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from dino_sparo.checkpoint import save_checkpoint
+from dino_sparo.cli import UserError
+from dino_sparo.loss import DINOLoss
+from dino_sparo.optim import cancel_gradients_last_layer, clip_gradients, get_params_groups, update_teacher
+from dino_sparo.train import NonFiniteLossError, _warn_if_collapsed, build_models, parse_args, train_dino
+
+TINY = ["--arch", "vit_tiny", "--depth", "3", "--patch_size", "16", "--sparo_slots", "4", "--sparo_slot_dim", "8",
+        "--out_dim", "256", "--head_hidden_dim", "64", "--head_bottleneck_dim", "32", "--global_crop_size", "32",
+        "--local_crop_size", "16", "--local_crops_number", "2", "--batch_size_per_gpu", "4", "--num_workers", "0",
+        "--warmup_epochs", "1", "--device", "cpu", "--log_freq", "2"]
+
+
+def make_images(folder, count=12, size=40):
+    os.makedirs(folder, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for index in range(count):
+        pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(os.path.join(folder, f"{index:03d}.png"))
+    return str(folder)
+
+
+def tiny_args(data, out, *extra):
+    return parse_args(TINY + ["--data_path", str(data), "--output_dir", str(out), *map(str, extra)])
+
+
+def test_models_teacher_is_a_separate_copy():
+    args = tiny_args("unused", "unused", "--drop_path_rate", "0.2", "--norm_last_layer", "false")
+    student, teacher = build_models(args, torch.device("cpu"))
+    student_ptrs = {p.untyped_storage().data_ptr() for p in student.parameters()}
+    assert all(p.untyped_storage().data_ptr() not in student_ptrs for p in teacher.parameters())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, teacher.state_dict()[name]), name
+    assert any(getattr(m, "drop_prob", 0) > 0 for m in student.modules())
+    assert not any(getattr(m, "drop_prob", 0) > 0 for m in teacher.modules())
+    assert student.head.last_layer.parametrizations.weight.original0.requires_grad  # norm_last_layer false
+    assert not teacher.head.last_layer.parametrizations.weight.original0.requires_grad
+
+
+def test_param_groups_clipping_freezing_and_ema():
+    args = tiny_args("unused", "unused")
+    student, teacher = build_models(args, torch.device("cpu"))
+    regularized, not_regularized = get_params_groups(student)
+    decayed = {id(p) for p in regularized["params"]}
+    for name, param in student.named_parameters():
+        if not param.requires_grad:
+            continue
+        assert (id(param) in decayed) == (not name.endswith(".bias") and param.ndim > 1), name
+    assert not_regularized["weight_decay"] == 0.0
+
+    for param in student.parameters():
+        param.grad = torch.randn_like(param) * 10
+    before = {name: p.grad.clone() for name, p in student.named_parameters()}
+    clip_gradients(student, 3.0)
+    for name, param in student.named_parameters():  # each gradient clipped on its own
+        norm = before[name].norm()
+        expected = before[name] * (3.0 / (norm + 1e-6)) if 3.0 / (norm + 1e-6) < 1 else before[name]
+        assert torch.allclose(param.grad, expected, rtol=1e-5, atol=1e-7), name
+    cancel_gradients_last_layer(0, student, freeze_last_layer=1)
+    assert all((p.grad is None) == ("last_layer" in n) for n, p in student.named_parameters())
+
+    old = [p.clone() for p in teacher.parameters()]
+    with torch.no_grad():
+        for param in student.parameters():
+            param.add_(1.0)
+    update_teacher(student.parameters(), teacher.parameters(), 0.9)
+    for previous, new, source in zip(old, teacher.parameters(), student.parameters()):
+        assert torch.allclose(new, 0.9 * previous + 0.1 * source, atol=1e-6)
+
+
+def test_training_writes_checkpoints_logs_and_tensorboard(tmp_path, capsys):
+    data = make_images(tmp_path / "flat")  # flat folder, no class sub-folders
+    (tmp_path / "flat" / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    out = tmp_path / "out"
+    result = train_dino(tiny_args(data, out, "--epochs", "2", "--saveckp_freq", "1"))
+    assert sorted(p for p in os.listdir(out) if p.endswith(".pth")) == \
+        ["checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth"]
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert set(checkpoint) == {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "fp16_scaler"}
+    assert checkpoint["epoch"] == 2 and isinstance(checkpoint["args"], dict)
+    assert checkpoint["args"]["readout"] == "sparo" and checkpoint["args"]["sparo_slots"] == 4
+    assert json.loads(json.dumps(checkpoint["args"])) == checkpoint["args"]
+    assert all(k.startswith(("backbone.", "head.")) for k in checkpoint["teacher"])
+    assert torch.equal(checkpoint["dino_loss"]["center"], result.dino_loss.center)
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert {"train_loss", "train_lr", "train_wd", "train_teacher_entropy", "train_agreement"} <= set(lines[0])
+    assert all(math.isfinite(line["train_loss"]) for line in lines)
+    assert lines[0]["skipped_images"] >= 1  # the broken file was passed over, counted, and training went on
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
+    output = capsys.readouterr()
+    assert "eta:" in output.out and "img/s:" in output.out and "data:" in output.out
+    assert "skipping unreadable image" in output.err
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, capsys):
+    data = make_images(tmp_path / "data")
+    straight = train_dino(tiny_args(data, tmp_path / "straight", "--epochs", "2", "--saveckp_freq", "1"))
+    # a run interrupted after epoch 0: its output_dir holds only the epoch-0 checkpoint
+    os.makedirs(tmp_path / "resumed")
+    shutil.copy(tmp_path / "straight" / "checkpoint0000.pth", tmp_path / "resumed" / "checkpoint.pth")
+    capsys.readouterr()
+    resumed = train_dino(tiny_args(data, tmp_path / "resumed", "--epochs", "2"))
+    assert "resumed from" in capsys.readouterr().out and resumed.start_epoch == 1
+    for name, value in straight.teacher.state_dict().items():
+        assert torch.equal(value, resumed.teacher.state_dict()[name]), name
+    assert torch.equal(straight.dino_loss.center, resumed.dino_loss.center)
+
+
+def test_init_from_official_format_and_resume_precedence(tmp_path, capsys):
+    data = make_images(tmp_path / "data", count=8)
+    args = tiny_args(data, tmp_path / "out", "--epochs", "1", "--lr", "1e-12", "--min_lr", "0")
+    donor, _ = build_models(args, torch.device("cpu"))
+    with torch.no_grad():
+        for param in donor.parameters():
+            param.normal_()
+    official = {"teacher": {f"module.{k}": v for k, v in donor.state_dict().items()}}
+    save_checkpoint(official, tmp_path / "official.pth")
+    args.init_from = str(tmp_path / "official.pth")
+    result = train_dino(args)
+    printed = capsys.readouterr().out
+    assert "weights from" in printed and "head from" in printed
+    # with a vanishing lr, the trained teacher is still (almost) the donor
+    for name, value in donor.state_dict().items():
+        assert torch.allclose(result.teacher.state_dict()[name], value, atol=1e-4), name
+    # a checkpoint in output_dir wins over --init_from
+    args = tiny_args(data, tmp_path / "out", "--epochs", "2", "--init_from", tmp_path / "missing.pth")
+    assert train_dino(args).start_epoch == 1
+
+
+def test_non_finite_loss_stops_with_epoch_and_iteration(tmp_path, monkeypatch):
+    data = make_images(tmp_path / "data", count=12)
+    out = tmp_path / "out"
+    train_dino(tiny_args(data, out, "--epochs", "1"))
+    before = (out / "checkpoint.pth").read_bytes()
+
+    class ExplodingLoss(DINOLoss):
+        calls = 0
+
+        def forward(self, student_output, teacher_output, epoch):
+            ExplodingLoss.calls += 1
+            loss = super().forward(student_output, teacher_output, epoch)
+            return loss * float("nan") if ExplodingLoss.calls == 2 else loss
+
+    monkeypatch.setattr("dino_sparo.train.DINOLoss", ExplodingLoss)
+    with pytest.raises(NonFiniteLossError, match="epoch 1, iteration 1"):
+        train_dino(tiny_args(data, out, "--epochs", "3"))
+    assert (out / "checkpoint.pth").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--momentum_teacher", "1.5"], "--momentum_teacher"),
+    (["--global_crop_size", "40"], "multiple of --patch_size"),
+    (["--global_crops_scale", "0.8", "0.2"], "--global_crops_scale"),
+    (["--precision", "fp16"], "CUDA"),
+    (["--batch_size_per_gpu", "64"], "fewer than one batch"),
+])
+def test_bad_flag_values_are_user_errors(tmp_path, flags, message):
+    data = make_images(tmp_path / "data", count=4, size=20)
+    with pytest.raises(UserError, match=message):
+        train_dino(tiny_args(data, tmp_path / "out", *flags))
+
+
+def test_missing_data_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="data path not found"):
+        train_dino(tiny_args(tmp_path / "nowhere", tmp_path / "out"))
+    args = tiny_args(tmp_path, tmp_path / "out")
+    args.data_path = None
+    with pytest.raises(UserError, match="--data_path"):
+        train_dino(args)
+
+
+def test_collapse_warning(capsys):
+    args = tiny_args("d", "o", "--batch_size_per_gpu", "32")
+    healthy = {"epoch": 0, "train_loss": 3.0, "train_teacher_mode_share": 0.2}
+    assert not _warn_if_collapsed(healthy, args, enabled=True)
+    uniform = {"epoch": 3, "train_loss": math.log(256) * 1.005, "train_teacher_mode_share": 0.01}
+    assert _warn_if_collapsed(uniform, args, enabled=True)
+    err = capsys.readouterr().err
+    assert "collapsed at epoch 3" in err and "ln(out_dim)" in err and "--teacher_temp" in err
+    one_hot = {"epoch": 1, "train_loss": 0.5, "train_teacher_mode_share": 0.99}
+    assert _warn_if_collapsed(one_hot, args, enabled=True)
+    assert "one-hot" in capsys.readouterr().err
