@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -51,16 +52,27 @@ class Trainer:
         if CODE_DIR not in sys.path:
             sys.path.insert(0, CODE_DIR)
         from dino_sparo.distributed import destroy_distributed
+        from dino_sparo.preemption import Preempted
         from dino_sparo.train import train_dino
 
         self._setup_environment()
         try:
             train_dino(self.args)
+        except Preempted as stop:
+            # Training caught the signal, saved the current state and gave submitit's handler back: calling
+            # it now requeues the job from the main task (through checkpoint() below) and exits.
+            print(stop, flush=True)
+            requeue_signal = submitit.JobEnvironment._usr_sig()
+            requeue = signal.getsignal(requeue_signal)
+            if callable(requeue):
+                requeue(stop.signum or requeue_signal, None)
+            raise
         finally:
             destroy_distributed()
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
-        # The per-epoch checkpoint.pth in output_dir is what the requeued job resumes from.
+        # checkpoint.pth in output_dir is what the requeued job resumes from: written at the interrupted
+        # iteration when training could stop in time, else the one of the last finished epoch.
         print(f"requeuing: training resumes from {os.path.join(self.args.output_dir, 'checkpoint.pth')}", flush=True)
         return submitit.helpers.DelayedSubmission(type(self)(self.args))
 

@@ -28,7 +28,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         message = str(error)
-        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+        unsafe = re.search(r"GLOBAL ([\w.]+)", message)
         if unsafe:
             raise UserError(f"refusing to load {path}: it holds a pickled {unsafe.group(1)}, which could run code "
                             f"when loaded (only tensors and plain containers are accepted)") from None
@@ -36,6 +36,8 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         reason = str(error).strip().split(". ")[0] if str(error).strip() else "file is empty or truncated"
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
+    except Exception:  # noqa: BLE001 - arbitrary bytes can fail the unpickler in any way (IndexError, KeyError...)
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (corrupt or another format)") from None
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -159,17 +161,54 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
             os.remove(temporary)
 
 
-def restart_from_checkpoint(path: str | os.PathLike, **objects: Any) -> dict[str, Any] | None:
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Deletes the temporary files of :func:`save_checkpoint` that a process killed mid-save left behind (their
+    writer is no longer running); returns their names. Resuming never reads them: they only waste space."""
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        match = _TEMPORARY.match(name)
+        if match and (int(match.group(1)) == os.getpid() or not _process_exists(int(match.group(1)))):
+            try:
+                os.remove(os.path.join(directory, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def restart_from_checkpoint(path: str | os.PathLike, expected_args: Mapping[str, Any] | None = None,
+                            **objects: Any) -> dict[str, Any] | None:
     """Restores every object given by keyword (anything with ``load_state_dict``) from the entry of the same
     name in the checkpoint at ``path``. Returns the checkpoint (for its ``epoch`` and ``args``), or None when
     there is no file. Model weights load strictly: resuming into a different architecture is a
-    :class:`UserError`, not a silent partial load."""
+    :class:`UserError`, not a silent partial load; with ``expected_args`` (flag name -> value of this run) the
+    error names each flag whose value differs from the checkpoint's saved ``args``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         return None
     checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, Mapping):
         raise UserError(f"{path} is not a training checkpoint (found {type(checkpoint).__name__})")
+    saved_args = checkpoint.get("args")
+    if expected_args and isinstance(saved_args, Mapping):
+        differences = [f"--{name} {saved_args[name]} (this run: {value})" for name, value in expected_args.items()
+                       if name in saved_args and _normalised(saved_args[name]) != _normalised(value)]
+        if differences:
+            raise UserError(f"{path} was written by a run with other architecture flags: {'; '.join(differences)}. "
+                            f"Pass the same flags to resume it, or use another --output_dir to start afresh")
     for name, obj in objects.items():
         if obj is None:
             continue
@@ -186,6 +225,10 @@ def restart_from_checkpoint(path: str | os.PathLike, **objects: Any) -> dict[str
             raise UserError(f"cannot resume {name} from {path}: {first_line} (was it written with other "
                             f"architecture flags? use another --output_dir to start afresh)") from None
     return dict(checkpoint)
+
+
+def _normalised(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def strip_prefixes_keep_wrapper(state_dict: Mapping[str, Any]) -> dict[str, Any]:

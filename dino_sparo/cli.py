@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +26,28 @@ def run_cli(main: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+def ensure_writable_dir(path: str, flag: str = "--output_dir", create: bool = True) -> None:
+    """Checks that files can be written into the folder ``path`` (creating it unless ``create`` is false, in
+    which case its nearest existing parent is checked), so that a bad output folder is a one-line
+    :class:`UserError` before any work starts rather than a traceback after it."""
+    try:
+        if create:
+            os.makedirs(path, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+            return
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(20, "Not a directory")
+        if not os.access(existing, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UserError(f"{flag} {path} cannot be written: {reason}") from None
 
 
 def bool_flag(value: str | bool) -> bool:

@@ -1,4 +1,14 @@
-"""Process-group setup from torchrun or Slurm environment variables, or none for a single process."""
+"""torch.distributed for training and evaluation: process-group setup from torchrun or Slurm environment
+variables (or none for a single process) and the few collectives the package uses, each of which also works
+with no process group.
+
+When one process of a job fails, the others must not hang: under torchrun the agent terminates the other
+workers as soon as one exits non-zero; with gloo a peer that died makes the collectives of the others fail at
+once ("Connection closed by peer"); with NCCL, torch's default ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` makes the
+watchdog end a process whose collective stalls past the process-group timeout. The failing process itself
+must destroy its process group on the way out (:func:`destroy_distributed` in the scripts' ``finally``), or
+gloo's threads abort it with SIGABRT instead of its own error.
+"""
 from __future__ import annotations
 
 import os
@@ -7,9 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dino_sparo.cli import UserError
+
 
 @dataclass
 class DistributedContext:
+    """Where this process stands: its rank, the world size, its local rank and the device it computes on."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -51,10 +64,13 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     """``auto`` = this process's GPU when CUDA is available, else the CPU; ``cuda`` picks the local-rank GPU."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but CUDA is not available")
+            raise UserError("--device cuda was asked for but CUDA is not available")
         if device.index is None:
             # A launcher may already restrict CUDA_VISIBLE_DEVICES to this process's GPU.
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -65,7 +81,8 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
 def init_distributed(requested_device: str = "auto", dist_url: str = "env://",
                      local_rank_flag: int = 0) -> DistributedContext:
     """Joins the process group the launcher describes (NCCL on GPUs, gloo on CPUs) or, with no launcher
-    variables, returns a single-process context without creating any process group."""
+    variables, returns a single-process context without creating any process group. A set-up that cannot
+    work is a :class:`UserError`."""
     env = _launcher_env(local_rank_flag)
     if env is None:
         return DistributedContext(device=resolve_device(requested_device))
@@ -74,15 +91,93 @@ def init_distributed(requested_device: str = "auto", dist_url: str = "env://",
     if world_size == 1:
         return DistributedContext(rank, world_size, local_rank, device)
     if "SLURM_PROCID" in os.environ and "MASTER_ADDR" not in os.environ and dist_url == "env://":
-        raise ValueError("running under Slurm without MASTER_ADDR/MASTER_PORT: launch with srun + torchrun or "
-                         "run_with_submitit.py, or pass --dist_url tcp://HOST:PORT")
+        raise UserError("running under Slurm without MASTER_ADDR/MASTER_PORT: launch with srun + torchrun or "
+                        "run_with_submitit.py, or pass --dist_url tcp://HOST:PORT")
     if not is_dist_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method=dist_url,
-                                world_size=world_size, rank=rank,
-                                device_id=device if device.type == "cuda" else None)
+        try:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method=dist_url,
+                                    world_size=world_size, rank=rank,
+                                    device_id=device if device.type == "cuda" else None)
+        except (ValueError, RuntimeError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"cannot join the process group ({dist_url}): {first_line}") from None
     return DistributedContext(rank, world_size, local_rank, device)
 
 
 def destroy_distributed() -> None:
     if is_dist_initialized():
         dist.destroy_process_group()
+
+
+def collective_device() -> torch.device:
+    """nccl moves CUDA tensors only; gloo (and no process group) works on CPU tensors."""
+    if is_dist_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shard_bounds(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous ``[start, end)`` of rank ``rank``: every item belongs to exactly one rank, no padding."""
+    base, extra = divmod(num_items, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def all_gather_sizes(count: int) -> list[int]:
+    """``count`` of every rank, in rank order."""
+    if not is_dist_initialized():
+        return [count]
+    local = torch.tensor([count], dtype=torch.long, device=collective_device())
+    gathered = [torch.zeros_like(local) for _ in range(get_world_size())]
+    dist.all_gather(gathered, local)
+    return [int(t.item()) for t in gathered]
+
+
+def all_gather_equal(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape on all ranks), on the tensor's device, in rank order."""
+    if not is_dist_initialized():
+        return [tensor]
+    moved = tensor.to(collective_device()).contiguous()
+    gathered = [torch.empty_like(moved) for _ in range(get_world_size())]
+    dist.all_gather(gathered, moved)
+    return [t.to(tensor.device) for t in gathered]
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenation, in rank order, of every rank's ``tensor`` whose first dimension may differ by rank."""
+    sizes = all_gather_sizes(tensor.shape[0])
+    if len(sizes) == 1:
+        return tensor
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    return torch.cat([part[:size] for part, size in zip(all_gather_equal(padded), sizes)])
+
+
+def broadcast_from(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """``tensor`` of rank ``src`` on every rank (others pass a buffer of the right shape and dtype)."""
+    if not is_dist_initialized():
+        return tensor
+    moved = tensor.to(collective_device()).contiguous()
+    dist.broadcast(moved, src)
+    return moved.to(tensor.device)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over ranks."""
+    if not is_dist_initialized():
+        return tensor
+    moved = tensor.to(collective_device()).clone()
+    dist.all_reduce(moved)
+    return moved.to(tensor.device)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (a collective: all ranks must call it)."""
+    if not is_dist_initialized():
+        return flag
+    return bool(all_reduce_sum(torch.tensor([int(flag)], dtype=torch.long)).item() > 0)
+
+
+def barrier() -> None:
+    if is_dist_initialized():
+        dist.barrier()

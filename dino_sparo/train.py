@@ -18,19 +18,20 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from dino_sparo.checkpoint import (load_checkpoint_file, load_pretrained_weights, load_weights,
-                                   restart_from_checkpoint, save_checkpoint, select_state_dict,
-                                   strip_prefixes_keep_wrapper)
-from dino_sparo.cli import UserError, add_model_args, bool_flag, build_model_from_config, positive_int, \
-    resolve_model_config
+                                   remove_stale_temporaries, restart_from_checkpoint, save_checkpoint,
+                                   select_state_dict, strip_prefixes_keep_wrapper)
+from dino_sparo.cli import UserError, add_model_args, bool_flag, build_model_from_config, ensure_writable_dir, \
+    positive_int, resolve_model_config
 from dino_sparo.data.augment import DataAugmentationDINO
-from dino_sparo.data.datasets import DEMO_CLASS_LABEL, ImageDataset, ensure_demo_dataset
-from dino_sparo.distributed import DistributedContext, init_distributed, is_dist_initialized
+from dino_sparo.data.datasets import DEMO_CLASS_LABEL, ImageDataset, ResumableDistributedSampler, ensure_demo_dataset
+from dino_sparo.distributed import DistributedContext, any_rank, barrier, init_distributed, is_dist_initialized
 from dino_sparo.logging import MetricLogger, TrainingLog, max_memory_mb
 from dino_sparo.loss import DINOLoss, training_signals
 from dino_sparo.models import DINOHead, MultiCropWrapper
+from dino_sparo.preemption import Preempted, PreemptionGuard
 from dino_sparo.optim import (build_optimizer, cancel_gradients_last_layer, clip_gradients, get_params_groups,
                               update_teacher)
 from dino_sparo.schedules import cosine_scheduler
@@ -255,10 +256,7 @@ class TrainResult:
 def train_dino(args: argparse.Namespace) -> TrainResult:
     """Trains from ``args`` (as built by :func:`parse_args`); resumes from ``output_dir/checkpoint.pth``."""
     validate_args(args)
-    try:
-        ctx = init_distributed(args.device, args.dist_url, args.local_rank)
-    except (ValueError, RuntimeError) as error:
-        raise UserError(f"cannot start: {error}") from None
+    ctx = init_distributed(args.device, args.dist_url, args.local_rank)
     say = _printer(ctx.is_main)
     if args.demo and not args.data_path:
         root = ensure_demo_dataset(args.demo_data_dir, num_train=args.demo_num_images,
@@ -273,10 +271,11 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
         if not os.path.isdir(os.path.join(args.knn_data_path, split)):
             raise UserError(f"--knn_data_path {args.knn_data_path} has no {split}/ folder")
     precision = resolve_precision(args, ctx.device)
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create --output_dir {args.output_dir}: {error.strerror}") from None
+    ensure_writable_dir(args.output_dir)
+    if ctx.is_main:
+        stale = remove_stale_temporaries(args.output_dir)
+        if stale:
+            say(f"removed {len(stale)} partial checkpoint file(s) left by an interrupted save: {', '.join(stale)}")
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -284,7 +283,8 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
     transform = DataAugmentationDINO(tuple(args.global_crops_scale), tuple(args.local_crops_scale),
                                      args.local_crops_number, args.global_crop_size, args.local_crop_size)
     dataset = ImageDataset(args.data_path, transform, count_skipped=True)
-    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed)
+    sampler = ResumableDistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                          seed=args.seed)
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
                         pin_memory=ctx.device.type == "cuda", drop_last=True)
     if len(loader) == 0:
@@ -322,13 +322,16 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
     momentum_schedule = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter)
 
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resumed = restart_from_checkpoint(checkpoint_path, student=student_module, teacher=teacher, optimizer=optimizer,
-                                      fp16_scaler=scaler, dino_loss=dino_loss)
-    start_epoch = 0
+    resumed = restart_from_checkpoint(checkpoint_path, expected_args=_architecture_args(args), student=student_module,
+                                      teacher=teacher, optimizer=optimizer, fp16_scaler=scaler, dino_loss=dino_loss)
+    start_epoch = start_iteration = 0
     if resumed is not None:
-        start_epoch = int(resumed["epoch"])
-        say(f"resumed from {checkpoint_path} at epoch {start_epoch} (epochs done: {start_epoch} of {args.epochs})"
-            + (f"; --init_from {args.init_from} is ignored when resuming" if args.init_from else ""))
+        start_epoch, start_iteration = int(resumed["epoch"]), int(resumed.get("iteration", 0))
+        if start_iteration >= niter:  # the data set shrank since: the interrupted epoch counts as done
+            start_epoch, start_iteration = start_epoch + 1, 0
+        where = f", iteration {start_iteration} of {niter} (a preempted epoch)" if start_iteration else ""
+        say(f"resumed from {checkpoint_path} at epoch {start_epoch}{where} (epochs done: {start_epoch} of "
+            f"{args.epochs})" + (f"; --init_from {args.init_from} is ignored when resuming" if args.init_from else ""))
     elif args.init_from:
         init_from_weights(student_module, args.init_from, args.init_from_key, ctx.is_main)
         teacher.load_state_dict(student_module.state_dict())
@@ -337,30 +340,57 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
     result = TrainResult(student_module, teacher, dino_loss, start_epoch)
     step = _Step(args, student, student_module, teacher, dino_loss, optimizer, scaler, precision, ctx.device)
     collapse_warned = False
+
+    def training_state(next_epoch: int, iteration: int) -> dict[str, Any]:
+        """``epoch`` is the next epoch to run; a preempted epoch also records ``iteration``, where to resume it."""
+        state = {"student": student_module.state_dict(), "teacher": teacher.state_dict(),
+                 "optimizer": optimizer.state_dict(), "epoch": next_epoch, "args": jsonable_args(args),
+                 "dino_loss": dino_loss.state_dict(), "fp16_scaler": scaler.state_dict() if scaler is not None else None}
+        if iteration:
+            state["iteration"] = iteration
+        return state
+
+    def stop_for_preemption(guard: PreemptionGuard, next_epoch: int, iteration: int) -> None:
+        if ctx.is_main:
+            save_checkpoint(training_state(next_epoch, iteration), checkpoint_path)
+        barrier()  # no rank exits (which makes torchrun stop the others) before the checkpoint is on disk
+        raise Preempted(guard.signum, next_epoch, iteration, checkpoint_path)
+
     try:
-        for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            # Reseeded per epoch so that resuming reproduces the augmentations of an uninterrupted run.
-            seed_everything(args.seed + 10007 * epoch + ctx.rank)
-            stats = _train_one_epoch(step, loader, epoch, niter, lr_schedule, wd_schedule, momentum_schedule, ctx,
-                                     log, say, args)
-            result.epoch_stats.append(stats)
-            log.epoch(stats)
-            if not collapse_warned:
-                collapse_warned = _warn_if_collapsed(stats, args, ctx.is_main)
-            if ctx.is_main:
-                state = {"student": student_module.state_dict(), "teacher": teacher.state_dict(),
-                         "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "args": jsonable_args(args),
-                         "dino_loss": dino_loss.state_dict(),
-                         "fp16_scaler": scaler.state_dict() if scaler is not None else None}
-                save_checkpoint(state, checkpoint_path)
-                if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-                    save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04d}.pth"))
+        with PreemptionGuard() as guard:
+            for epoch in range(start_epoch, args.epochs):
+                first_iteration = start_iteration if epoch == start_epoch else 0
+                sampler.set_epoch(epoch)
+                sampler.skip = first_iteration * args.batch_size_per_gpu
+                # Reseeded per epoch so that resuming reproduces the augmentations of an uninterrupted run.
+                seed_everything(args.seed + 10007 * epoch + ctx.rank)
+                stats = _train_one_epoch(step, loader, epoch, niter, lr_schedule, wd_schedule, momentum_schedule, ctx,
+                                         log, say, args, guard, first_iteration)
+                if "stopped_at_iteration" in stats:
+                    stop_for_preemption(guard, epoch, stats["stopped_at_iteration"])
+                result.epoch_stats.append(stats)
+                log.epoch(stats)
+                if not collapse_warned:
+                    collapse_warned = _warn_if_collapsed(stats, args, ctx.is_main)
+                if ctx.is_main:
+                    state = training_state(epoch + 1, 0)
+                    save_checkpoint(state, checkpoint_path)
+                    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+                        save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04d}.pth"))
+                if epoch + 1 < args.epochs and any_rank(guard.requested):
+                    barrier()
+                    raise Preempted(guard.signum, epoch + 1, 0, checkpoint_path)
     finally:
         log.close()
     if args.knn_data_path and ctx.is_main:
         result.knn = final_knn(args, teacher.backbone, initial_backbone, ctx.device, say)
     return result
+
+
+def _architecture_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags a checkpoint's weights depend on, as resuming compares them with the saved ones."""
+    names = [*resolve_model_config(args), "out_dim", "head_hidden_dim", "head_bottleneck_dim", "use_bn_in_head"]
+    return {name: getattr(args, name) for name in names}
 
 
 def _printer(enabled: bool):
@@ -414,7 +444,10 @@ class _Step:
 
 
 def _train_one_epoch(step: _Step, loader, epoch, niter, lr_schedule, wd_schedule, momentum_schedule,
-                     ctx: DistributedContext, log: TrainingLog, say, args) -> dict[str, Any]:
+                     ctx: DistributedContext, log: TrainingLog, say, args, guard: PreemptionGuard | None = None,
+                     first_iteration: int = 0) -> dict[str, Any]:
+    """Trains from ``first_iteration`` to the end of the epoch, or, when a preemption signal arrived, to an
+    iteration all ranks agree on: then the stats carry ``stopped_at_iteration`` (the next one to run)."""
     metrics = MetricLogger(f"Epoch: [{epoch}/{args.epochs}]", niter)
     # Iteration of the first non-finite loss, kept on the device and read only at logging intervals.
     no_failure = niter + 1
@@ -424,7 +457,8 @@ def _train_one_epoch(step: _Step, loader, epoch, niter, lr_schedule, wd_schedule
     data_time = 0.0
     images_per_step = args.batch_size_per_gpu * ctx.world_size
     last_ready = time.time()
-    for index, (crops, _, skipped_here) in enumerate(loader):
+    stopped_at = None
+    for index, (crops, _, skipped_here) in enumerate(loader, start=first_iteration):
         data_time += time.time() - last_ready
         iteration = epoch * niter + index
         for group_index, group in enumerate(step.optimizer.param_groups):
@@ -450,6 +484,11 @@ def _train_one_epoch(step: _Step, loader, epoch, niter, lr_schedule, wd_schedule
                                       max_memory_mb(ctx.device)))
             log.scalars({**latest, "images_per_s": images_per_s}, iteration)
             interval_start, data_time = time.time(), 0.0
+        if guard is not None and index < niter - 1 and _preemption_agreed(guard, index, args.log_freq):
+            _raise_if_nonfinite(first_bad, no_failure, epoch)  # never save a state that has gone non-finite
+            stopped_at = index + 1
+            say(f"preemption signal received: stopping at epoch {epoch}, iteration {stopped_at} of {niter}")
+            break
     averages = metrics.averages(ctx.device)
     if is_dist_initialized():
         total = torch.tensor(skipped, device=ctx.device)
@@ -459,10 +498,21 @@ def _train_one_epoch(step: _Step, loader, epoch, niter, lr_schedule, wd_schedule
     stats = {f"train_{name}": value for name, value in averages.items()}
     stats.update(epoch=epoch, images_per_s=images_per_step * niter / epoch_time, epoch_time_s=round(epoch_time, 2),
                  skipped_images=skipped)
+    if stopped_at is not None:
+        stats["stopped_at_iteration"] = stopped_at
+        return stats
     say(f"Epoch {epoch} done in {epoch_time:.1f}s: loss {stats['train_loss']:.4f}, teacher entropy "
         f"{stats['train_teacher_entropy']:.3f} nats, student/teacher agreement {stats['train_agreement']:.3f}"
         + (f", skipped {skipped} unreadable images" if skipped else ""))
     return stats
+
+
+def _preemption_agreed(guard: PreemptionGuard, index: int, log_freq: int) -> bool:
+    """Whether to stop after iteration ``index``. One process checks its flag every iteration; several agree
+    at logging intervals only, where the loop already synchronises, so steps stay free of host syncs."""
+    if not is_dist_initialized():
+        return guard.requested
+    return (index + 1) % log_freq == 0 and any_rank(guard.requested)
 
 
 def _raise_if_nonfinite(first_bad: torch.Tensor, no_failure: int, epoch: int) -> None:

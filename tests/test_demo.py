@@ -1,16 +1,16 @@
 import os
 import re
-import subprocess
 import sys
 
 import pytest
+
+from faultkit import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(*flags, timeout=240):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main_dino.py"), *map(str, flags)],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return run([sys.executable, os.path.join(ROOT, "main_dino.py"), *map(str, flags)], timeout=timeout)
 
 
 @pytest.mark.slow

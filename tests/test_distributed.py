@@ -1,5 +1,4 @@
 import os
-import subprocess
 import sys
 
 import pytest
@@ -7,6 +6,7 @@ import torch
 
 from dino_sparo.distributed import init_distributed, is_dist_initialized
 from dino_sparo.train import parse_args
+from faultkit import run
 from test_train import TINY, make_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +29,7 @@ def test_two_processes_gloo_keep_identical_teachers(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(ROOT, "tests", "distributed_worker.py"), *TINY, "--data_path", data,
                "--output_dir", str(out), "--epochs", "1", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    completed = run(command, timeout=240)  # own process group, killed as a whole: no orphaned workers
     assert completed.returncode == 0, completed.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2

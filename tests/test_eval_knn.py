@@ -1,13 +1,12 @@
 """eval_knn.py end to end on small image folders and a checkpoint in main_dino.py's format."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import eval_knn
+import faultkit
 from dino_sparo.cli import run_cli
 from dino_sparo.eval.knn import knn_classifier
 from dino_sparo.models import vit_tiny
@@ -124,11 +123,9 @@ def test_torchrun_two_processes_match_one_process(data_and_checkpoint, tmp_path)
     data, _, checkpoint = data_and_checkpoint
     argv = ["--pretrained_weights", checkpoint, "--data_path", data, *SMALL, "--per_slot", "--select_slots", "2"]
     single = run_ok([*argv, "--output_dir", str(tmp_path / "one")])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(ROOT, "eval_knn.py"), *argv, "--output_dir", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=240)
+    completed = faultkit.run(  # own process group, killed as a whole: no orphaned workers
+        [*faultkit.TORCHRUN, "--nproc_per_node", "2", os.path.join(ROOT, "eval_knn.py"), *argv,
+         "--output_dir", str(tmp_path / "two")], timeout=240)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "2 process(es)" in completed.stdout
     for k, scores in single["knn"].items():

@@ -62,11 +62,12 @@ def test_knn_matches_brute_force(num_test):
 
 import os  # noqa: E402
 import socket  # noqa: E402
+import time  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from dino_sparo.eval.distributed import shard_bounds  # noqa: E402
+from dino_sparo.distributed import shard_bounds  # noqa: E402
 from dino_sparo.eval.knn import sharded_knn  # noqa: E402
 
 KS = (1, 5, 20, 200)
@@ -116,7 +117,16 @@ def test_two_processes_give_the_same_accuracy_as_one():
     # With one test image, rank 1 holds no test feature at all; with 151 train images the shards are uneven.
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    mp.start_processes(_sharded_worker, args=(2, _free_port(), queue), nprocs=2, join=True, start_method="spawn")
+    workers = mp.start_processes(_sharded_worker, args=(2, _free_port(), queue), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 180  # a hang fails the test instead of blocking CI
+    try:
+        while not workers.join(timeout=5):
+            assert time.monotonic() < deadline, "the two k-NN processes did not finish within 180 s"
+    finally:
+        for process in workers.processes:
+            if process.is_alive():
+                process.kill()
     results = {}
     for _ in range(4):
         rank, num_test, result = queue.get()

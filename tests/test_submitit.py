@@ -5,6 +5,7 @@ import submitit
 import torch
 
 import run_with_submitit
+from faultkit import kill_tree, wait_until
 from test_train import TINY, make_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +34,11 @@ def test_local_executor_trains_on_cpu(tmp_path, monkeypatch):
     job = run_with_submitit.main([*TINY, "--data_path", data, "--epochs", "1", "--cluster", "local", "--ngpus", "0",
                                   "--nodes", "1", "--timeout", "10", "--cpus_per_task", "1",
                                   "--shared_dir", str(tmp_path / "shared")])
-    job.result()  # raises if the job failed
+    try:
+        wait_until(job.done, timeout=240, interval=0.5)
+        job.result()  # raises if the job failed
+    finally:
+        kill_tree(job._process.pid)  # the local executor's controller and its task, if still running
     output_dir = tmp_path / "shared" / str(job.job_id)  # outputs go to the job's folder under shared_dir
     checkpoint = torch.load(output_dir / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 1

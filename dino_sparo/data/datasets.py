@@ -3,23 +3,21 @@ skipped and counted, and the built-in compositional demo data set."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
 import shutil
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dino_sparo.cli import UserError
-
-_LOAD_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
+from dino_sparo.imagefiles import SkipUnreadable
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
@@ -60,13 +58,7 @@ def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str], int]
                     f"in the folder or in class sub-folders)")
 
 
-def load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as handle:
-        image = Image.open(handle)
-        return image.convert("RGB")
-
-
-class ImageDataset(Dataset):
+class ImageDataset(SkipUnreadable, Dataset):
     """Images of :func:`scan_image_folder` through ``transform``, yielding ``(sample, label)`` or, with
     ``count_skipped``, ``(sample, label, skipped)``.
 
@@ -91,34 +83,26 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _try_load(self, index: int) -> Image.Image | None:
-        path = self.samples[index][0]
-        try:
-            return load_rgb(path)
-        except _LOAD_ERRORS as error:
-            if path not in self._reported:
-                self._reported.add(path)
-                print(f"warning: skipping unreadable image {path} ({type(error).__name__}: {error})",
-                      file=sys.stderr, flush=True)
-            return None
-
-    def _find_readable(self) -> int:
-        for index in range(len(self.samples)):
-            if self._try_load(index) is not None:
-                return index
-        raise UserError(f"none of the {len(self.samples)} image files in {self.root} could be read")
-
     def __getitem__(self, index: int):
-        for skipped in range(len(self.samples)):
-            position = (index + skipped) % len(self.samples)
-            image = self._try_load(position)
-            if image is not None:
-                break
-        else:  # files went bad after the dataset was built
-            raise RuntimeError(f"no readable image left in {self.root}")
+        image, position, skipped = self._load_readable(index)
         sample = self.transform(image) if self.transform is not None else image
         label = self.samples[position][1]
         return (sample, label, skipped) if self.count_skipped else (sample, label)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that leaves out the first ``skip`` indices of this rank's order for the epoch set,
+    so a preempted epoch resumes where it stopped, with the remaining images in the same order."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, super().__len__() - self.skip)
 
 
 # --------------------------------------------------------------------------------------------------------

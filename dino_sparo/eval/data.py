@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
 from ..cli import UserError
-from .distributed import shard_bounds
+from ..distributed import shard_bounds
+from ..imagefiles import SkippingImageFolder
 
 
 def labelled_splits(data_path: str, train_transform: Callable, val_transform: Callable
@@ -40,7 +41,7 @@ def labelled_splits(data_path: str, train_transform: Callable, val_transform: Ca
 
 def _image_folder(root: str, transform: Callable) -> ImageFolder:
     try:
-        return ImageFolder(root, transform=transform)
+        return SkippingImageFolder(root, transform=transform)
     except (FileNotFoundError, RuntimeError) as error:
         raise UserError(f"{root}: {str(error).splitlines()[0]} (expected one sub-folder of images per class)") \
             from None

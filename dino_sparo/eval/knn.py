@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import distributed
+from .. import distributed
 
 
 def knn_vote(neighbour_sims: torch.Tensor, neighbour_labels: torch.Tensor, T: float,

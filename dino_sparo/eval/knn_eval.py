@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from ..cli import UserError
-from . import distributed
+from ..cli import UserError, ensure_writable_dir
+from .. import distributed
 from .data import labelled_splits, shard
-from .distributed import DistContext, shard_bounds
+from ..distributed import DistributedContext, shard_bounds
 from .features import dump_features, eval_transform, extract_dataset_features, load_features
 from .knn import sharded_knn
 from .pretrained import check_eval_args, load_frozen_backbone
@@ -26,7 +26,7 @@ def evaluate_knn(args: argparse.Namespace) -> dict[str, Any]:
     try:
         return _evaluate(args, context)
     finally:
-        distributed.destroy()
+        distributed.destroy_distributed()
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -39,9 +39,14 @@ def _check_args(args: argparse.Namespace) -> None:
                         "chooses them")
     if not 0 < args.select_holdout < 1:
         raise UserError(f"--select_holdout must be a fraction in (0, 1), got {args.select_holdout}")
+    # checked now, not after the features are extracted
+    if args.per_slot or args.select_slots:
+        ensure_writable_dir(args.output_dir)
+    if args.dump_features:
+        ensure_writable_dir(args.dump_features, "--dump_features")
 
 
-def _evaluate(args: argparse.Namespace, context: DistContext) -> dict[str, Any]:
+def _evaluate(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any]:
     log: Callable[..., None] = print if context.is_main else (lambda *a, **k: None)
     model, config = load_frozen_backbone(args, log=context.is_main)
     check_eval_args(args, config)
@@ -84,7 +89,7 @@ def _evaluate(args: argparse.Namespace, context: DistContext) -> dict[str, Any]:
     return results
 
 
-def _features(args: argparse.Namespace, context: DistContext, model: torch.nn.Module):
+def _features(args: argparse.Namespace, context: DistributedContext, model: torch.nn.Module):
     """This rank's shards of train and val features and labels, and the number of classes."""
     if args.load_features:
         train_features, test_features, train_labels, test_labels = load_features(args.load_features)
@@ -112,7 +117,7 @@ def _features(args: argparse.Namespace, context: DistContext, model: torch.nn.Mo
     return train_features, train_labels, test_features, test_labels, num_classes
 
 
-def _own_rows(features: torch.Tensor, labels: torch.Tensor, context: DistContext):
+def _own_rows(features: torch.Tensor, labels: torch.Tensor, context: DistributedContext):
     start, end = shard_bounds(len(features), context.rank, context.world_size)
     return features[start:end], labels[start:end]
 
@@ -148,7 +153,7 @@ def _slot_table(scores: list[SlotScore]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(context: DistContext, directory: str, name: str, payload: Any, log) -> None:
+def _write_json(context: DistributedContext, directory: str, name: str, payload: Any, log) -> None:
     if not context.is_main:
         return
     os.makedirs(directory, exist_ok=True)
@@ -159,6 +164,6 @@ def _write_json(context: DistContext, directory: str, name: str, payload: Any, l
     log(f"written {path}")
 
 
-def log_main(context: DistContext, message: str) -> None:
+def log_main(context: DistributedContext, message: str) -> None:
     if context.is_main:
         print(message, flush=True)

@@ -15,11 +15,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms
 
 from ..checkpoint import load_checkpoint_file, load_weights, select_state_dict, strip_prefixes
-from ..cli import UserError
+from ..cli import UserError, ensure_writable_dir
 from ..models import VisionTransformer
-from . import distributed
+from .. import distributed
 from .data import labelled_splits, ordered_loader, shard
-from .distributed import DistContext
+from ..distributed import DistributedContext
 from .features import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .pretrained import check_eval_args, load_frozen_backbone
 from .slots import parse_slots, restrict_to_slots, slot_layout
@@ -114,14 +114,16 @@ def evaluate_linear(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--evaluate needs --linear_weights PATH (a checkpoint.pth.tar written by eval_linear.py)")
     if args.val_freq < 1 or args.epochs < 1:
         raise UserError("--epochs and --val_freq must be >= 1")
+    if not args.evaluate:
+        ensure_writable_dir(args.output_dir)
     context = distributed.init_distributed()
     try:
         return _run(args, context)
     finally:
-        distributed.destroy()
+        distributed.destroy_distributed()
 
 
-def _run(args: argparse.Namespace, context: DistContext) -> dict[str, Any]:
+def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any]:
     log = print if context.is_main else (lambda *a, **k: None)
     backbone, config = load_frozen_backbone(args, log=context.is_main)
     check_eval_args(args, config)
@@ -146,7 +148,7 @@ def _run(args: argparse.Namespace, context: DistContext) -> dict[str, Any]:
         return {"val": stats}
 
     ddp_classifier = classifier
-    if distributed.is_distributed():
+    if distributed.is_dist_initialized():
         ddp_classifier = DistributedDataParallel(
             classifier, device_ids=[context.device.index] if context.device.type == "cuda" else None)
     lr = args.lr * args.batch_size_per_gpu * context.world_size / 256.0

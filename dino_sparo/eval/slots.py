@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cli import UserError
-from . import distributed
+from .. import distributed
 from .knn import sharded_knn
 
 

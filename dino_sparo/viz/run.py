@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..cli import UserError
+from ..cli import UserError, ensure_writable_dir
 from ..eval.pretrained import load_frozen_backbone
 from . import render
 from .attention import PEAKEDNESS_HELP, head_cls_attention, patch_grid, peakedness, slot_attention
@@ -80,8 +80,7 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
     _check_device(args.device)
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir} exists and is not a folder")
+    ensure_writable_dir(str(output_dir), create=False)  # created once the images are drawn
     paths = find_images(args.images, args.max_images)
     model, _ = load_frozen_backbone(args)
     model.to(args.device)
