@@ -1,22 +1,17 @@
 """The scripts together, as a user chains them: main_dino.py writes a checkpoint on the demo data, and
 eval_knn.py, eval_linear.py and visualize_sparo.py take it as it is, architecture read from its saved args."""
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from faultkit import run, script
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def run_script(script, *flags, timeout=300):
-    completed = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, flags)],
-                               capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert completed.returncode == 0, f"{script} failed:\n{completed.stderr[-3000:]}"
+def run_script(name, *flags, timeout=300):
+    completed = run([*script(name), *flags], timeout=timeout)
+    assert completed.returncode == 0, f"{name} failed:\n{completed.stderr[-3000:]}"
     assert "Traceback" not in completed.stderr
     return completed.stdout
 
