@@ -1,6 +1,8 @@
-"""The scripts together, as a user chains them: main_dino.py writes a checkpoint on the demo data, and
-eval_knn.py, eval_linear.py and visualize_sparo.py take it as it is, architecture read from its saved args."""
+"""The scripts together, as a user chains them: the demo (main_dino.py --demo) at reduced size writes a
+checkpoint, and eval_knn.py, eval_linear.py and visualize_sparo.py take it as it is, architecture read from its
+saved args."""
 import json
+import os
 import re
 
 import pytest
@@ -20,14 +22,23 @@ def run_script(name, *flags, timeout=300):
 def pretrained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data, out = root / "demo", root / "run"
-    run_script("main_dino.py", "--demo", "--demo_data_dir", data, "--demo_num_images", 128, "--epochs", 2,
-               "--batch_size_per_gpu", 16, "--num_workers", 0, "--output_dir", out)
-    return data, out / "checkpoint.pth"
+    stdout = run_script("main_dino.py", "--demo", "--demo_data_dir", data, "--demo_num_images", 128, "--epochs", 2,
+                        "--batch_size_per_gpu", 16, "--num_workers", 0, "--output_dir", out)
+    return data, out / "checkpoint.pth", stdout
+
+
+@pytest.mark.slow
+def test_demo_generates_its_data_trains_and_reports_knn_before_and_after(pretrained):
+    data, checkpoint, stdout = pretrained
+    assert sorted(os.listdir(data)) == ["attributes.csv", "info.json", "train", "val"]
+    assert re.search(r"k-NN top-1 on .*val.*random init \d+\.\d%\s+->\s+trained teacher \d+\.\d%", stdout)
+    log = [json.loads(line) for line in (checkpoint.parent / "log.txt").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [0, 1]
 
 
 @pytest.mark.slow
 def test_eval_knn_reads_the_architecture_from_a_main_dino_checkpoint(pretrained, tmp_path):
-    data, checkpoint = pretrained
+    data, checkpoint, _ = pretrained
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["epoch"] == 2 and saved["args"]["readout"] == "sparo"
     stdout = run_script("eval_knn.py", "--pretrained_weights", checkpoint, "--data_path", data,
@@ -40,7 +51,7 @@ def test_eval_knn_reads_the_architecture_from_a_main_dino_checkpoint(pretrained,
 
 @pytest.mark.slow
 def test_eval_linear_trains_on_a_main_dino_checkpoint(pretrained, tmp_path):
-    data, checkpoint = pretrained
+    data, checkpoint, _ = pretrained
     run_script("eval_linear.py", "--pretrained_weights", checkpoint, "--data_path", data, "--resize_size", 36,
                "--crop_size", 32, "--epochs", 1, "--batch_size_per_gpu", 64, "--num_workers", 0,
                "--output_dir", tmp_path)
@@ -51,7 +62,7 @@ def test_eval_linear_trains_on_a_main_dino_checkpoint(pretrained, tmp_path):
 
 @pytest.mark.slow
 def test_visualize_sparo_draws_the_slots_of_a_main_dino_checkpoint(pretrained, tmp_path):
-    data, checkpoint = pretrained
+    data, checkpoint, _ = pretrained
     run_script("visualize_sparo.py", "--pretrained_weights", checkpoint, "--images", data / "val",
                "--max_images", 3, "--top_slots", 4, "--image_size", 64, "--tile_size", 64, "--device", "cpu",
                "--output_dir", tmp_path)
