@@ -59,7 +59,7 @@ class NonFiniteLossError(RuntimeError):
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        "DINO pretraining with a SPARO read-out", add_help=True,
+        description="DINO pretraining with a SPARO read-out", add_help=True,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(parser, from_checkpoint=False)
     group = parser.add_argument_group("DINO head and loss")
