@@ -56,3 +56,74 @@ def test_knn_matches_brute_force(num_test):
     top1, top5 = knn_classifier(train, train_labels, test, test_labels, k=20, T=0.07, num_classes=10)
     assert top1 == pytest.approx(100.0 * correct1 / num_test)
     assert top5 == pytest.approx(100.0 * correct5 / num_test)
+
+
+# --- sharded k-NN (the train bank split across processes, partial top-k lists merged) ---
+
+import os  # noqa: E402
+import socket  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from dino_sparo.eval.distributed import shard_bounds  # noqa: E402
+from dino_sparo.eval.knn import sharded_knn  # noqa: E402
+
+KS = (1, 5, 20, 200)
+
+
+def _random_problem(num_train: int, num_test: int, seed: int = 2):
+    generator = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(10, 16, generator=generator), dim=1)
+    train_labels = torch.randint(0, 10, (num_train,), generator=generator)
+    test_labels = torch.randint(0, 10, (num_test,), generator=generator)
+    train = F.normalize(centres[train_labels] + 0.8 * torch.randn(num_train, 16, generator=generator), dim=1)
+    test = F.normalize(centres[test_labels] + 0.8 * torch.randn(num_test, 16, generator=generator), dim=1)
+    return train, train_labels, test, test_labels
+
+
+@pytest.mark.parametrize("num_test", [1, 37])
+def test_sharded_knn_in_one_process_equals_knn_classifier(num_test):
+    train, train_labels, test, test_labels = _random_problem(150, num_test)
+    results = sharded_knn(train, train_labels, test, test_labels, KS, 0.07, num_classes=10,
+                          max_similarities=150 * 7)  # several chunks of 7 queries
+    for k in KS:  # k=200 exceeds the 150 train images: all of them vote
+        assert results[k] == pytest.approx(knn_classifier(train, train_labels, test, test_labels, k, 0.07, 10))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sharded_worker(rank: int, world_size: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        for num_test in (1, 37):
+            train, train_labels, test, test_labels = _random_problem(151, num_test)
+            a, b = shard_bounds(len(train), rank, world_size)
+            c, d = shard_bounds(len(test), rank, world_size)
+            results = sharded_knn(train[a:b], train_labels[a:b], test[c:d], test_labels[c:d], KS, 0.07, 10,
+                                  max_similarities=76 * 5)
+            queue.put((rank, num_test, results))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_give_the_same_accuracy_as_one():
+    # With one test image, rank 1 holds no test feature at all; with 151 train images the shards are uneven.
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    mp.start_processes(_sharded_worker, args=(2, _free_port(), queue), nprocs=2, join=True, start_method="spawn")
+    results = {}
+    for _ in range(4):
+        rank, num_test, result = queue.get()
+        results[rank, num_test] = result
+    for num_test in (1, 37):
+        train, train_labels, test, test_labels = _random_problem(151, num_test)
+        for k in KS:
+            expected = knn_classifier(train, train_labels, test, test_labels, k, 0.07, 10)
+            assert results[0, num_test][k] == pytest.approx(expected)
+            assert results[1, num_test][k] == pytest.approx(expected)

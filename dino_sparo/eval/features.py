@@ -1,12 +1,18 @@
 """Frozen-backbone feature extraction for the evaluations."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 from torchvision import transforms
+
+from ..checkpoint import load_checkpoint_file
+from ..cli import UserError
+from .data import ordered_loader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,3 +45,52 @@ def extract_features(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torc
     if not features:
         raise ValueError("no images to extract features from")
     return torch.cat(features), torch.cat(labels)
+
+
+def extract_dataset_features(model: nn.Module, dataset: Dataset, feature_dim: int, batch_size: int,
+                             num_workers: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_features` over ``dataset`` in order; an empty dataset (a rank's shard of a set smaller
+    than the world) gives empty tensors instead of an error."""
+    if len(dataset) == 0:
+        return torch.empty(0, feature_dim), torch.empty(0, dtype=torch.long)
+    loader = ordered_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
+    features, labels = extract_features(model, loader, device)
+    return features, labels.long()
+
+
+FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
+
+
+def dump_features(directory: str, train_features: torch.Tensor, test_features: torch.Tensor,
+                  train_labels: torch.Tensor, test_labels: torch.Tensor) -> None:
+    """Saves the four tensors under DINO's file names (each file written whole, then renamed into place)."""
+    os.makedirs(directory, exist_ok=True)
+    for name, tensor in zip(FEATURE_FILES, (train_features, test_features, train_labels, test_labels)):
+        path = os.path.join(directory, name)
+        torch.save(tensor.cpu(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def load_features(directory: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train features, test features, train labels, test labels) written by :func:`dump_features` or by
+    DINO's eval_knn.py; features are L2-normalised again in case they were not."""
+    if not os.path.isdir(directory):
+        raise UserError(f"--load_features {directory} is not a directory")
+    tensors = []
+    for name in FEATURE_FILES:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise UserError(f"--load_features {directory} lacks {name} (expected {', '.join(FEATURE_FILES)})")
+        tensor = load_checkpoint_file(path)
+        if not isinstance(tensor, torch.Tensor):
+            raise UserError(f"{path} does not hold a tensor")
+        tensors.append(tensor)
+    train_features, test_features, train_labels, test_labels = tensors
+    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
+        raise UserError(f"{directory}: features must be two matrices of equal width, got "
+                        f"{tuple(train_features.shape)} and {tuple(test_features.shape)}")
+    if train_labels.shape != train_features.shape[:1] or test_labels.shape != test_features.shape[:1]:
+        raise UserError(f"{directory}: label counts ({len(train_labels)}, {len(test_labels)}) do not match the "
+                        f"feature counts ({len(train_features)}, {len(test_features)})")
+    return (F.normalize(train_features.float(), dim=1), F.normalize(test_features.float(), dim=1),
+            train_labels.long(), test_labels.long())

@@ -1,0 +1,1 @@
+"""Reproducible speed and memory measurements; run ``python -m benchmarks.run --help``."""

@@ -1,0 +1,285 @@
+"""Linear probe on frozen features (DINO's eval_linear protocol) for CLS and SPARO encodings."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision import transforms
+
+from ..checkpoint import load_checkpoint_file, load_weights, select_state_dict, strip_prefixes
+from ..cli import UserError
+from ..models import VisionTransformer
+from . import distributed
+from .data import labelled_splits, ordered_loader, shard
+from .distributed import DistContext
+from .features import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from .pretrained import check_eval_args, load_frozen_backbone
+from .slots import parse_slots, restrict_to_slots, slot_layout
+
+CHECKPOINT_NAME = "checkpoint.pth.tar"
+
+
+class LinearClassifier(nn.Module):
+    """One linear layer on frozen features: weight N(0, 0.01), zero bias, as DINO's."""
+
+    def __init__(self, dim: int, num_labels: int) -> None:
+        super().__init__()
+        self.num_labels = num_labels
+        self.linear = nn.Linear(dim, num_labels)
+        nn.init.normal_(self.linear.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features.flatten(1))
+
+
+class ProbeFeatures(nn.Module):
+    """The frozen features the linear probe sees.
+
+    - ``cls`` read-out (DINO's protocol): the CLS tokens of the last ``n_last_blocks`` blocks (each through the
+      final norm), concatenated, plus the mean of the last block's patch tokens with ``avgpool_patchtokens``.
+    - ``sparo`` read-out: the SPARO encoding (or the chosen ``slots`` of it, renormalised as a whole), scaled to
+      unit RMS per dimension (norm sqrt(dim)), the scale of a LayerNorm'd CLS token, so one learning rate fits
+      both; then, when ``n_last_blocks`` > 0, the CLS tokens of the last n remaining blocks, and the patch-token
+      mean if asked.
+    - ``gap`` read-out: the mean of the final-normed patch tokens, then the same optional additions.
+    """
+
+    def __init__(self, backbone: VisionTransformer, n_last_blocks: int, avgpool_patchtokens: bool,
+                 slots: list[int] | None = None, slot_dim: int | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.n_last_blocks = n_last_blocks
+        self.avgpool_patchtokens = avgpool_patchtokens
+        self.slots = slots
+        self.slot_dim = slot_dim
+        readout_dim = 0
+        if backbone.readout != "cls":
+            readout_dim = len(slots) * slot_dim if slots is not None else backbone.feature_dim
+        self.feature_dim = readout_dim + backbone.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
+        self.eval()
+
+    def describe(self) -> str:
+        parts = []
+        if self.backbone.readout == "sparo":
+            parts.append(f"SPARO slots {','.join(map(str, self.slots))}" if self.slots is not None
+                         else "SPARO encoding")
+        elif self.backbone.readout == "gap":
+            parts.append("mean of patch tokens")
+        if self.n_last_blocks:
+            parts.append(f"CLS tokens of the last {self.n_last_blocks} block(s)")
+        if self.avgpool_patchtokens:
+            parts.append("mean of the last block's patch tokens")
+        return " + ".join(parts) + f" ({self.feature_dim} dims)"
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.get_intermediate_layers(images, max(1, self.n_last_blocks))
+        features = []
+        if self.backbone.readout != "cls":
+            encoding = self.backbone.readout_features(tokens[-1])
+            if self.backbone.readout == "sparo":
+                if self.slots is not None:
+                    encoding = restrict_to_slots(encoding, self.slots, self.slot_dim)
+                encoding = F.normalize(encoding, dim=1) * math.sqrt(encoding.shape[1])
+            features.append(encoding)
+        if self.n_last_blocks:
+            features.extend(t[:, 0] for t in tokens[-self.n_last_blocks:])
+        if self.avgpool_patchtokens:
+            features.append(tokens[-1][:, self.backbone.num_prefix_tokens:].mean(dim=1))
+        return torch.cat(features, dim=-1).float()
+
+
+def train_transform(crop_size: int) -> transforms.Compose:
+    """DINO's linear-probe training view: RandomResizedCrop, horizontal flip, ImageNet normalisation."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(crop_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def evaluate_linear(args: argparse.Namespace) -> dict[str, Any]:
+    """Trains (or with ``--evaluate`` only validates) the linear probe ``args`` describe; returns the results."""
+    if args.evaluate and not args.linear_weights:
+        raise UserError("--evaluate needs --linear_weights PATH (a checkpoint.pth.tar written by eval_linear.py)")
+    if args.val_freq < 1 or args.epochs < 1:
+        raise UserError("--epochs and --val_freq must be >= 1")
+    context = distributed.init_distributed()
+    try:
+        return _run(args, context)
+    finally:
+        distributed.destroy()
+
+
+def _run(args: argparse.Namespace, context: DistContext) -> dict[str, Any]:
+    log = print if context.is_main else (lambda *a, **k: None)
+    backbone, config = load_frozen_backbone(args, log=context.is_main)
+    check_eval_args(args, config)
+    features = _probe_features(args, backbone, config).to(context.device)
+    train_set, val_set = labelled_splits(args.data_path, train_transform(args.crop_size),
+                                         eval_transform(args.resize_size, args.crop_size))
+    num_labels = args.num_labels if args.num_labels is not None else len(train_set.classes)
+    if num_labels < len(train_set.classes):
+        raise UserError(f"--num_labels {num_labels} is smaller than the {len(train_set.classes)} classes of train/")
+    log(f"linear probe on {features.describe()}; {len(train_set)} train and {len(val_set)} val images, "
+        f"{num_labels} labels, {context.world_size} process(es)")
+
+    torch.manual_seed(args.seed)  # the same classifier initialisation on every rank and every run
+    classifier = LinearClassifier(features.feature_dim, num_labels).to(context.device)
+    val_loader = ordered_loader(shard(val_set, context.rank, context.world_size), args.batch_size_per_gpu,
+                                args.num_workers, pin_memory=context.device.type == "cuda")
+    if args.evaluate:
+        _load_classifier(classifier, args.linear_weights, features.describe())
+        stats = validate(features, classifier, val_loader, context.device)
+        log(f"Accuracy of the network on the {len(val_set)} test images: {stats['acc1']:.1f}% "
+            f"(top-5 {stats['acc5']:.1f}%)")
+        return {"val": stats}
+
+    ddp_classifier = classifier
+    if distributed.is_distributed():
+        ddp_classifier = DistributedDataParallel(
+            classifier, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+    lr = args.lr * args.batch_size_per_gpu * context.world_size / 256.0
+    optimizer = torch.optim.SGD(classifier.parameters(), lr, momentum=0.9, weight_decay=0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
+    checkpoint_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
+    start_epoch, best_acc = _resume(checkpoint_path, classifier, optimizer, scheduler, features.describe(), log)
+
+    sampler = DistributedSampler(train_set, num_replicas=context.world_size, rank=context.rank, shuffle=True,
+                                 seed=args.seed)
+    train_loader = DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
+                              num_workers=args.num_workers, pin_memory=context.device.type == "cuda")
+    if context.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+    history = []
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        # Augmentations depend on (epoch, rank) only, so a resumed run repeats the uninterrupted one.
+        torch.manual_seed(args.seed + epoch * context.world_size + context.rank)
+        train_stats = train_one_epoch(features, ddp_classifier, optimizer, train_loader, context.device)
+        scheduler.step()
+        record: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
+        message = f"epoch {epoch + 1}/{args.epochs}: train loss {train_stats['loss']:.4f}, lr {train_stats['lr']:.6f}"
+        if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
+            val_stats = validate(features, classifier, val_loader, context.device)
+            best_acc = max(best_acc, val_stats["acc1"])
+            record.update({f"test_{k}": v for k, v in val_stats.items()})
+            message += f"; val acc@1 {val_stats['acc1']:.2f}, acc@5 {val_stats['acc5']:.2f} (best {best_acc:.2f})"
+        record["best_acc"] = best_acc
+        history.append(record)
+        log(message, flush=True)
+        if context.is_main:
+            _save({"epoch": epoch + 1, "state_dict": classifier.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "best_acc": best_acc,
+                   "feature_dim": features.feature_dim, "features": features.describe()}, checkpoint_path)
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+    log(f"Training of the supervised linear classifier on frozen features completed.\n"
+        f"Top-1 test accuracy: {best_acc:.1f}")
+    return {"best_acc": best_acc, "history": history, "start_epoch": start_epoch, "features": features.describe()}
+
+
+def _probe_features(args: argparse.Namespace, backbone: VisionTransformer, config: dict[str, Any]) -> ProbeFeatures:
+    readout = config["readout"]
+    default_blocks = min(4, len(backbone.blocks)) if readout == "cls" else 0
+    n_last_blocks = args.n_last_blocks if args.n_last_blocks is not None else default_blocks
+    if not 0 <= n_last_blocks <= len(backbone.blocks):
+        raise UserError(f"--n_last_blocks must be between 0 and the {len(backbone.blocks)} remaining blocks, "
+                        f"got {n_last_blocks}")
+    if readout == "cls" and n_last_blocks == 0 and not args.avgpool_patchtokens:
+        raise UserError("--n_last_blocks 0 leaves the CLS read-out without features: use >= 1")
+    slots, slot_dim = None, None
+    if args.slots:
+        num_slots, slot_dim = slot_layout(config, "--slots")
+        slots = parse_slots(args.slots, num_slots)
+    return ProbeFeatures(backbone, n_last_blocks, args.avgpool_patchtokens, slots, slot_dim)
+
+
+def train_one_epoch(features: ProbeFeatures, classifier: nn.Module, optimizer: torch.optim.Optimizer,
+                    loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """One pass of SGD on the linear layer; returns the mean loss (over this rank's batches) and the lr."""
+    classifier.train()
+    total_loss, batches = 0.0, 0
+    lr = optimizer.param_groups[0]["lr"]
+    for images, labels in loader:
+        inputs = features(images.to(device, non_blocking=True))
+        loss = F.cross_entropy(classifier(inputs), labels.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item()
+        batches += 1
+    totals = distributed.all_reduce_sum(torch.tensor([total_loss, float(batches)], dtype=torch.float64))
+    return {"loss": float(totals[0] / max(1.0, float(totals[1]))), "lr": lr}
+
+
+@torch.no_grad()
+def validate(features: ProbeFeatures, classifier: nn.Module, loader: DataLoader,
+             device: torch.device) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) and mean loss over the whole val set, each rank taking its own shard."""
+    classifier.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, images
+    for images, labels in loader:
+        labels = labels.to(device, non_blocking=True)
+        logits = classifier(features(images.to(device, non_blocking=True)))
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.view(-1, 1)
+        sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(),
+                              ranked[:, 0].sum().item(), ranked.any(dim=1).sum().item(), labels.numel()],
+                             dtype=torch.float64)
+    sums = distributed.all_reduce_sum(sums)
+    count = max(1.0, float(sums[3]))
+    return {"acc1": float(100 * sums[1] / count), "acc5": float(100 * sums[2] / count),
+            "loss": float(sums[0] / count)}
+
+
+def _load_classifier(classifier: LinearClassifier, path: str, features: str) -> None:
+    """Linear weights from an eval_linear checkpoint (ours or the reference's, ``module.`` prefixes allowed),
+    refused when it records other features than ``features``."""
+    checkpoint = load_checkpoint_file(path)
+    trained_on = checkpoint.get("features", features) if isinstance(checkpoint, dict) else features
+    if trained_on != features:
+        raise UserError(f"{path} was trained on {trained_on}, not on {features}: use the same feature flags")
+    state_dict = strip_prefixes(select_state_dict(checkpoint, "state_dict", path))
+    report = load_weights(classifier, state_dict, "linear classifier")
+    if report.missing:
+        raise UserError(f"{path} holds no linear classifier weights (missing {', '.join(report.missing)})")
+
+
+def _resume(path: str, classifier: LinearClassifier, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler, features: str, log) -> tuple[int, float]:
+    """(first epoch to run, best accuracy so far) from ``path`` if it exists, else (0, 0)."""
+    if not os.path.isfile(path):
+        return 0, 0.0
+    checkpoint = load_checkpoint_file(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{path} is not an eval_linear checkpoint (no state_dict); move it away or choose "
+                        f"another --output_dir")
+    _load_classifier(classifier, path, features)
+    try:
+        saved_epochs = checkpoint["scheduler"]["T_max"]
+        if saved_epochs != scheduler.T_max:
+            raise UserError(f"{path} comes from a run of {saved_epochs} epochs: resume it with --epochs "
+                            f"{saved_epochs}, or choose another --output_dir")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path}: cannot restore the optimizer or scheduler ({error})") from None
+    epoch, best_acc = int(checkpoint.get("epoch", 0)), float(checkpoint.get("best_acc", 0.0))
+    log(f"resumed from {path}: epoch {epoch} done, best top-1 so far {best_acc:.2f}", flush=True)
+    return epoch, best_acc
+
+
+def _save(checkpoint: dict[str, Any], path: str) -> None:
+    """Writes the whole file next to ``path`` then renames it, so an interruption never leaves half a file."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)

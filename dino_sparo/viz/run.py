@@ -1,0 +1,136 @@
+"""The visualisation run behind ``visualize_sparo.py``: per-slot and per-head attention grids plus a summary."""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..cli import UserError
+from ..eval.pretrained import load_frozen_backbone
+from . import render
+from .attention import PEAKEDNESS_HELP, head_cls_attention, patch_grid, peakedness, slot_attention
+from .images import PreparedImage, find_images, prepare_images
+
+DEFAULT_TOP_SLOTS = 16
+
+
+def slot_list(text: str) -> list[int]:
+    """argparse type for ``--slots 1,5,9``: distinct slot indices >= 0, in the order given."""
+    try:
+        slots = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated slot indices such as 1,5,9, got {text!r}") from None
+    if not slots or min(slots) < 0:
+        raise argparse.ArgumentTypeError(f"expected slot indices >= 0, got {text!r}")
+    return list(dict.fromkeys(slots))
+
+
+def _choose_slots(args: argparse.Namespace, scores: torch.Tensor) -> tuple[list[int], str]:
+    if args.slots is not None:
+        return args.slots, "given by --slots"
+    count = min(args.top_slots or DEFAULT_TOP_SLOTS, len(scores))
+    order = torch.argsort(scores, descending=True, stable=True)[:count]
+    return order.tolist(), f"top {count} of {len(scores)} by peakedness"
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+
+
+def _check_slot_request(args: argparse.Namespace, model: torch.nn.Module) -> bool:
+    """Whether to draw slots; a request that cannot be met is a :class:`UserError`."""
+    asked = args.slots is not None or args.top_slots is not None
+    if model.sparo is None:
+        if asked:
+            raise UserError(f"{args.pretrained_weights} is a {model.readout!r} read-out model with no SPARO slots; "
+                            f"drop --slots/--top_slots to draw the per-head CLS attention only")
+        return False
+    num_slots = model.sparo.num_slots
+    out_of_range = [slot for slot in args.slots or [] if slot >= num_slots]
+    if out_of_range:
+        raise UserError(f"slot index {', '.join(map(str, out_of_range))} out of range: the model has {num_slots} "
+                        f"slots (0-{num_slots - 1})")
+    return True
+
+
+def _tile_rows(images: Sequence[PreparedImage], maps: Sequence[torch.Tensor], indices: Sequence[int],
+               label: Callable[[int, int], str], tile_height: int, alpha: float) -> list[list[Image.Image]]:
+    """One row per index: for each image, its map at that index overlaid and labelled."""
+    return [[render.labelled(render.overlay(image.pixels, image_maps[index], tile_height, alpha), label(index, i))
+             for i, (image, image_maps) in enumerate(zip(images, maps))]
+            for index in indices]
+
+
+def visualize(args: argparse.Namespace) -> dict[str, Any]:
+    """Writes ``slots.png`` (SPARO models), ``heads.png`` and ``summary.json`` to ``args.output_dir``."""
+    if len(args.image_size) > 2:
+        raise UserError(f"--image_size takes one size (shorter side) or two (height width), got "
+                        f"{len(args.image_size)} values")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
+    _check_device(args.device)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir} exists and is not a folder")
+    paths = find_images(args.images, args.max_images)
+    model, _ = load_frozen_backbone(args)
+    model.to(args.device)
+    draw_slots = _check_slot_request(args, model)
+    patch_size = model.patch_embed.patch_size[0]
+    images = prepare_images(paths, args.image_size, patch_size)
+
+    slot_maps, cls_weights, slot_scores, head_maps = [], [], [], []
+    for image in images:
+        tensor = image.tensor.to(args.device)
+        grid_size = (tensor.shape[-2] // patch_size, tensor.shape[-1] // patch_size)
+        head_maps.append(patch_grid(head_cls_attention(model, tensor), grid_size, model.num_prefix_tokens))
+        if draw_slots:
+            attention = slot_attention(model, tensor)
+            slot_maps.append(patch_grid(attention, grid_size, model.num_prefix_tokens))
+            cls_weights.append(attention[:, 0])
+            slot_scores.append(peakedness(attention[:, model.num_prefix_tokens:]))
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "checkpoint": str(args.pretrained_weights),
+        "readout": model.readout,
+        "images": [str(image.path) for image in images],
+        "input_sizes": [list(image.pixels.size[::-1]) for image in images],
+        "patch_size": patch_size,
+        "files": [],
+    }
+    if draw_slots:
+        scores = torch.stack(slot_scores).mean(dim=0)
+        chosen, how = _choose_slots(args, scores)
+        rows = _tile_rows(images, slot_maps, chosen,
+                          lambda slot, i: f"slot {slot} cls {cls_weights[i][slot]:.2f}", args.tile_size, args.alpha)
+        render.grid(rows).save(output_dir / "slots.png")
+        summary["files"].append("slots.png")
+        summary["slot_selection"] = how
+        summary["peakedness"] = PEAKEDNESS_HELP
+        summary["slots"] = [{"slot": slot, "peakedness": round(scores[slot].item(), 6),
+                             "cls_weight": [round(weights[slot].item(), 6) for weights in cls_weights]}
+                            for slot in chosen]
+    num_heads = head_maps[0].shape[0]
+    rows = _tile_rows(images, head_maps, list(range(num_heads)), lambda head, i: f"head {head}",
+                      args.tile_size, args.alpha)
+    render.grid(rows).save(output_dir / "heads.png")
+    summary["files"].append("heads.png")
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    columns = f"{len(images)} image column(s)"
+    if draw_slots:
+        print(f"slots.png: slots {', '.join(map(str, chosen))} ({how}), {columns}", flush=True)
+    print(f"heads.png: CLS attention of the {num_heads} heads of block {len(model.blocks) - 1}, {columns}", flush=True)
+    print(f"wrote {', '.join(summary['files'])} and summary.json to {output_dir}", flush=True)
+    return summary

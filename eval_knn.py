@@ -1,0 +1,49 @@
+"""k-NN evaluation of frozen features (DINO's protocol) for CLS and SPARO encodings, with per-slot analysis.
+
+    python eval_knn.py --pretrained_weights out/checkpoint.pth --data_path /path/to/imagenet
+    torchrun --nproc_per_node 8 eval_knn.py --pretrained_weights out/checkpoint.pth --data_path /path/to/imagenet
+"""
+from __future__ import annotations
+
+import argparse
+
+from dino_sparo.cli import bool_flag, positive_int, run_cli
+from dino_sparo.eval.knn_eval import evaluate_knn
+from dino_sparo.eval.pretrained import add_common_eval_args
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Evaluation with weighted k-NN on frozen features")
+    add_common_eval_args(parser, data_required=False)
+    parser.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=positive_int,
+                        help="numbers of nearest neighbours to evaluate (20 is usually the best)")
+    parser.add_argument("--temperature", default=0.07, type=float, help="temperature T of the weights exp(sim / T)")
+    parser.add_argument("--use_cuda", default=True, type=bool_flag,
+                        help="keep the features on the GPU for the k-NN (set false if it runs out of memory)")
+    parser.add_argument("--dump_features", default=None,
+                        help="folder to save trainfeat.pth, testfeat.pth, trainlabels.pth, testlabels.pth into")
+    parser.add_argument("--load_features", default=None,
+                        help="folder to load those features from instead of extracting them")
+    slots = parser.add_argument_group("SPARO slots")
+    slots.add_argument("--per_slot", action="store_true",
+                       help="also report the k-NN accuracy of every single slot on val, best first (table and "
+                       "OUTPUT_DIR/knn_per_slot.json)")
+    slots.add_argument("--select_slots", type=positive_int, default=None, metavar="K",
+                       help="choose K slots using only the training set (k-NN of a held-out part of train against "
+                       "the rest) and report their val accuracy next to all slots (OUTPUT_DIR/knn_slot_selection.json)")
+    slots.add_argument("--slot_knn", type=positive_int, default=20,
+                       help="k of the per-slot k-NN used by --per_slot and --select_slots (default: 20)")
+    slots.add_argument("--select_holdout", type=float, default=0.1,
+                       help="fraction of train held out to score slots for --select_slots (default: 0.1)")
+    slots.add_argument("--seed", type=int, default=0, help="fixes the held-out part of train (default: 0)")
+    slots.add_argument("--output_dir", default=".", help="where the slot JSON files are written (default: .)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    return evaluate_knn(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,152 @@
+"""SPARO slots: restriction, per-slot k-NN, and selection that uses the training set only."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval_knn
+from dino_sparo.cli import UserError, run_cli
+from dino_sparo.eval.knn import knn_classifier
+from dino_sparo.eval.slots import holdout_mask, parse_slots, per_slot_knn, restrict_to_slots, select_slots
+from dino_sparo.models import vit_tiny
+from evalkit import balanced, make_image_folder, spread, write_main_dino_checkpoint
+
+SMALL = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "32"]
+
+
+def slot_problem(num_train=200, num_test=60, informative=(2, 5), num_slots=6, slot_dim=4, seed=0):
+    """Encodings whose ``informative`` slots carry the class (more strongly for the first) and others noise."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(5, slot_dim, generator=generator)
+
+    def encode(labels):
+        slots = torch.randn(len(labels), num_slots, slot_dim, generator=generator)
+        for strength, slot in zip((3.0, 1.0), informative):
+            slots[:, slot] += strength * centres[labels]
+        return F.normalize(F.normalize(slots, dim=2).flatten(1), dim=1)
+
+    train_labels = torch.randint(0, 5, (num_train,), generator=generator)
+    test_labels = torch.randint(0, 5, (num_test,), generator=generator)
+    return encode(train_labels), train_labels, encode(test_labels), test_labels
+
+
+def test_restrict_to_slots_is_the_renormalised_concatenation():
+    features = torch.randn(3, 5 * 4)
+    restricted = restrict_to_slots(features, [3, 0], slot_dim=4)
+    expected = torch.cat([features[:, 12:16], features[:, 0:4]], dim=1)
+    torch.testing.assert_close(restricted, expected / expected.norm(dim=1, keepdim=True))
+
+
+def test_parse_slots_errors_are_one_line():
+    assert parse_slots("3, 1,4", 6) == [3, 1, 4]
+    for text, message in (("3,6", "out of range: this model has 6 slots"), ("-1", "out of range"),
+                          ("a,b", "comma-separated integers"), ("1,1", "more than once"), (",", "empty")):
+        with pytest.raises(UserError, match=message) as error:
+            parse_slots(text, 6)
+        assert "\n" not in str(error.value)
+
+
+def test_per_slot_knn_matches_knn_on_each_slice_and_is_sorted():
+    train, train_labels, test, test_labels = slot_problem()
+    scores = per_slot_knn(train, train_labels, test, test_labels, num_slots=6, slot_dim=4, k=10, T=0.07,
+                          num_classes=5)
+    assert sorted(s.slot for s in scores) == list(range(6))
+    assert [s.top1 for s in scores] == sorted((s.top1 for s in scores), reverse=True)
+    for score in scores:
+        rows = slice(score.slot * 4, (score.slot + 1) * 4)
+        expected = knn_classifier(F.normalize(train[:, rows], dim=1), train_labels,
+                                  F.normalize(test[:, rows], dim=1), test_labels, 10, 0.07, 5)
+        assert (score.top1, score.top5) == pytest.approx(expected)
+    assert scores[0].slot == 2  # the strongly informative slot is best
+
+
+def test_selection_finds_informative_slots_from_train_only():
+    train, train_labels, _, _ = slot_problem()
+    selection = select_slots(train, train_labels, count=2, num_slots=6, slot_dim=4, k=10, T=0.07, num_classes=5,
+                             holdout_fraction=0.2, seed=0)
+    assert selection.slots == [2, 5] and selection.holdout_size == 40
+    assert len(selection.holdout_scores) == 6
+
+
+def test_holdout_is_fixed_by_the_seed():
+    assert torch.equal(holdout_mask(100, 0.1, seed=3), holdout_mask(100, 0.1, seed=3))
+    assert not torch.equal(holdout_mask(100, 0.1, seed=3), holdout_mask(100, 0.1, seed=4))
+    assert int(holdout_mask(100, 0.1, seed=3).sum()) == 10 and int(holdout_mask(2, 0.9, seed=0).sum()) == 1
+
+
+@pytest.fixture(scope="module")
+def dumped(tmp_path_factory):
+    """Features of a tiny SPARO checkpoint on coloured images, dumped once by eval_knn.py."""
+    root = tmp_path_factory.mktemp("slots")
+    data = make_image_folder(str(root / "data"), {"train": balanced(10, 12), "val": spread(10, 37)}, contrast=8)
+    checkpoint = str(root / "checkpoint.pth")
+    write_main_dino_checkpoint(checkpoint)
+    features = str(root / "features")
+    eval_knn.main(["--pretrained_weights", checkpoint, "--data_path", data, "--dump_features", features,
+                   "--nb_knn", "20", *SMALL])
+    return data, checkpoint, features
+
+
+def test_slots_flag_evaluates_the_chosen_slots(dumped):
+    _, checkpoint, features = dumped
+    results = eval_knn.main(["--pretrained_weights", checkpoint, "--load_features", features, "--slots", "4,1",
+                             "--nb_knn", "20"])
+    train = torch.load(os.path.join(features, "trainfeat.pth"), weights_only=True)
+    test = torch.load(os.path.join(features, "testfeat.pth"), weights_only=True)
+    train_labels = torch.load(os.path.join(features, "trainlabels.pth"), weights_only=True)
+    test_labels = torch.load(os.path.join(features, "testlabels.pth"), weights_only=True)
+    expected = knn_classifier(restrict_to_slots(train, [4, 1], 16), train_labels,
+                              restrict_to_slots(test, [4, 1], 16), test_labels, 20, 0.07, 10)
+    assert (results["knn"]["20"]["top1"], results["knn"]["20"]["top5"]) == pytest.approx(expected)
+    assert results["slots"] == [4, 1]
+
+
+def test_selection_ignores_validation_labels(dumped, tmp_path):
+    _, checkpoint, features = dumped
+    shuffled = tmp_path / "shuffled"
+    os.makedirs(shuffled)
+    for name in ("trainfeat.pth", "testfeat.pth", "trainlabels.pth"):
+        os.symlink(os.path.join(features, name), shuffled / name)
+    test_labels = torch.load(os.path.join(features, "testlabels.pth"), weights_only=True)
+    torch.save(test_labels[torch.randperm(len(test_labels), generator=torch.Generator().manual_seed(1))],
+               shuffled / "testlabels.pth")
+    runs = {}
+    for name, directory in (("original", features), ("shuffled", str(shuffled))):
+        eval_knn.main(["--pretrained_weights", checkpoint, "--load_features", directory, "--select_slots", "3",
+                       "--per_slot", "--nb_knn", "20", "--output_dir", str(tmp_path / name)])
+        with open(tmp_path / name / "knn_slot_selection.json") as handle:
+            runs[name] = json.load(handle)
+    assert runs["original"]["selected"] == runs["shuffled"]["selected"]
+    assert runs["original"]["holdout_scores"] == runs["shuffled"]["holdout_scores"]
+    assert len(runs["original"]["selected"]) == 3
+    # ...while the validation accuracies reported next to the selection did see the labels change.
+    assert runs["original"]["val_all_slots"] != runs["shuffled"]["val_all_slots"]
+    with open(tmp_path / "original" / "knn_per_slot.json") as handle:
+        per_slot = json.load(handle)
+    assert sorted(s["slot"] for s in per_slot["slots"]) == list(range(6))
+
+
+def run_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: eval_knn.main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_slot_flags_errors(dumped, tmp_path, capsys):
+    _, checkpoint, features = dumped
+    assert "--slots 6 out of range: this model has 6 slots" in run_error(
+        ["--pretrained_weights", checkpoint, "--load_features", features, "--slots", "3,6"], capsys)
+    assert "between 1 and the number of slots (6)" in run_error(
+        ["--pretrained_weights", checkpoint, "--load_features", features, "--select_slots", "7"], capsys)
+    assert "exclude each other" in run_error(
+        ["--pretrained_weights", checkpoint, "--load_features", features, "--slots", "1", "--select_slots", "2"],
+        capsys)
+    cls_checkpoint = tmp_path / "cls.pth"
+    torch.save(vit_tiny(patch_size=8, depth=3, readout="cls").state_dict(), cls_checkpoint)
+    assert "--per_slot needs a SPARO encoding" in run_error(
+        ["--pretrained_weights", str(cls_checkpoint), "--load_features", features, "--per_slot"], capsys)

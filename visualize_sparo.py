@@ -1,0 +1,53 @@
+"""Where each SPARO slot looks: per-slot attention heat maps over images, next to DINO's per-head CLS attention.
+
+    python visualize_sparo.py --pretrained_weights runs/demo/checkpoint.pth --images some/folder \
+        --top_slots 8 --output_dir runs/demo/viz
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import torch
+
+from dino_sparo.cli import add_model_args, positive_int, run_cli
+from dino_sparo.viz.attention import PEAKEDNESS_HELP
+from dino_sparo.viz.run import DEFAULT_TOP_SLOTS, slot_list, visualize
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "visualize_sparo", description="Writes slots.png (one row per slot, one column per image), heads.png "
+        "(CLS self-attention of each head of the last remaining block) and summary.json to --output_dir.")
+    parser.add_argument("--pretrained_weights", required=True,
+                        help="checkpoint: this project's (architecture from its saved args) or DINO-format")
+    parser.add_argument("--checkpoint_key", default="teacher", help="sub-dict holding the weights (default: %(default)s)")
+    parser.add_argument("--images", nargs="+", required=True,
+                        help="image files and/or folders (searched recursively)")
+    parser.add_argument("--max_images", type=positive_int, default=None, help="use at most this many images")
+    parser.add_argument("--output_dir", default="viz", help="where the PNGs and summary.json go (default: %(default)s)")
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument("--slots", type=slot_list, default=None, help="slots to draw, e.g. 1,5,9")
+    selection.add_argument("--top_slots", type=positive_int, default=None,
+                           help=f"draw the K most peaked slots; {PEAKEDNESS_HELP} "
+                           f"(default when no --slots: {DEFAULT_TOP_SLOTS})")
+    parser.add_argument("--image_size", type=positive_int, nargs="+", default=[224],
+                        help="one size: shorter side (aspect kept); two: height width. Each side is then "
+                        "centre-cropped down to a multiple of the patch size (default: %(default)s)")
+    parser.add_argument("--tile_size", type=positive_int, default=224,
+                        help="height in pixels of each drawn tile (default: %(default)s)")
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="heat-map opacity over the image, 0-1; maps are min-max scaled per tile "
+                        "(default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda if available, else cpu")
+    add_model_args(parser, from_checkpoint=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    visualize(get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)
