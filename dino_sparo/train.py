@@ -79,8 +79,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--precision", choices=PRECISIONS, default="auto",
-                       help="auto: bf16 autocast on CUDA GPUs that support it, else fp32; fp16 uses a GradScaler "
-                       "(CUDA only)")
+                       help="auto: bf16 autocast on CUDA GPUs and on CPUs with AVX512-BF16 or AMX, else fp32; fp16 "
+                       "uses a GradScaler (CUDA only)")
     group.add_argument("--use_fp16", type=bool_flag, default=None,
                        help="reference flag: true = --precision fp16, false = --precision fp32 (when --precision "
                        "is auto)")
@@ -192,7 +192,10 @@ def resolve_precision(args: argparse.Namespace, device: torch.device) -> str:
         precision = "fp16" if args.use_fp16 else "fp32"
     if precision == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        precision = "bf16" if cuda_bf16 else "fp32"
+        # Without AVX512-BF16 or AMX, CPU bf16 matmuls are emulated and several times slower than fp32.
+        cpu_bf16 = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported()
+                                             or torch.cpu._is_amx_tile_supported())
+        precision = "bf16" if cuda_bf16 or cpu_bf16 else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 (or --use_fp16 true) needs a CUDA GPU; on CPU use --precision bf16 or fp32")
     return precision
@@ -338,7 +341,7 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
 
     log = TrainingLog(args.output_dir, ctx.is_main)
     result = TrainResult(student_module, teacher, dino_loss, start_epoch)
-    step = _Step(args, student, student_module, teacher, dino_loss, optimizer, scaler, precision, ctx.device)
+    step = TrainStep(args, student, student_module, teacher, dino_loss, optimizer, scaler, precision, ctx.device)
     collapse_warned = False
 
     def training_state(next_epoch: int, iteration: int) -> dict[str, Any]:
@@ -400,7 +403,7 @@ def _printer(enabled: bool):
     return say
 
 
-class _Step:
+class TrainStep:
     """One optimisation step: forward under autocast, loss, backward, clipping, last-layer freeze, optimizer
     step and teacher EMA, without any host synchronisation."""
 
@@ -443,7 +446,7 @@ class _Step:
         return {"loss": loss.detach(), **signals}
 
 
-def _train_one_epoch(step: _Step, loader, epoch, niter, lr_schedule, wd_schedule, momentum_schedule,
+def _train_one_epoch(step: TrainStep, loader, epoch, niter, lr_schedule, wd_schedule, momentum_schedule,
                      ctx: DistributedContext, log: TrainingLog, say, args, guard: PreemptionGuard | None = None,
                      first_iteration: int = 0) -> dict[str, Any]:
     """Trains from ``first_iteration`` to the end of the epoch, or, when a preemption signal arrived, to an

@@ -50,19 +50,32 @@ class SPARO(nn.Module):
     def output_dim(self) -> int:
         return self.num_slots * self.slot_dim
 
-    def _split_slots(self, projected: torch.Tensor) -> torch.Tensor:
-        batch, tokens, _ = projected.shape
-        return projected.view(batch, tokens, self.num_slots, self.attn_dim).transpose(1, 2)  # (B, L, N, H)
+    def _per_slot(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight (L, H, D) and bias (L, H) of a projection whose rows ``l*H:(l+1)*H`` belong to slot ``l``."""
+        return (linear.weight.view(self.num_slots, self.attn_dim, self.embed_dim),
+                linear.bias.view(self.num_slots, self.attn_dim))
 
     def forward(
         self, tokens: torch.Tensor, return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``tokens`` (B, N, D) -> encoding (B, L*V); with ``return_attention`` also the maps (B, L, N)."""
-        keys = self._split_slots(self.key_proj(tokens))
-        values = keys if self.value_proj is None else self._split_slots(self.value_proj(tokens))
-        scores = torch.einsum("blnh,lh->bln", keys, self.queries.to(keys.dtype)) / math.sqrt(self.attn_dim)
-        attention = scores.softmax(dim=-1)
-        slots = self.out_proj(torch.einsum("bln,blnh->blh", attention, values))  # (B, L, V)
+        """``tokens`` (B, N, D) -> encoding (B, L*V); with ``return_attention`` also the maps (B, L, N).
+
+        Same maths as projecting every token to every slot's keys, but never builds those (B, N, L*H) keys:
+        the query is folded into the key projection (q_l . (K_l x + b_l) = (q_l K_l) x + q_l . b_l) and,
+        because each attention row sums to 1, the value projection is applied to the attention-pooled
+        tokens (sum_n a_ln (K_l x_n + b_l) = K_l (sum_n a_ln x_n) + b_l). That is about L*H/(L + H) times
+        fewer multiply-adds than projecting every token.
+        """
+        key_weight, key_bias = self._per_slot(self.key_proj)
+        queries = self.queries.to(key_weight.dtype) / math.sqrt(self.attn_dim)
+        score_weight = torch.einsum("lh,lhd->ld", queries, key_weight)
+        score_bias = (queries * key_bias).sum(dim=-1)
+        attention = F.linear(tokens, score_weight, score_bias).transpose(1, 2).softmax(dim=-1)  # (B, L, N)
+        pooled_tokens = attention @ tokens.to(attention.dtype)  # (B, L, D)
+        value_weight, value_bias = ((key_weight, key_bias) if self.value_proj is None
+                                    else self._per_slot(self.value_proj))
+        pooled = torch.einsum("bld,lhd->blh", pooled_tokens, value_weight.to(pooled_tokens.dtype)) + value_bias
+        slots = self.out_proj(pooled)  # (B, L, V)
         if self.slot_norm:
             # Unit-norm encoding: a dot product between encodings is the mean per-slot cosine.
             slots = F.normalize(slots, dim=-1) * math.sqrt(1.0 / self.num_slots)

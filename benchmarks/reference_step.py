@@ -1,0 +1,95 @@
+"""A DINO training step executed the way the reference code does, kept only as the benchmark baseline.
+
+fp32, explicit softmax attention in every timm block (``fused_attn = False``), SPARO computed by projecting
+every token to every slot's keys, the loss as a double loop over crop pairs, per-parameter clipping with a
+host sync per parameter, the default (single-tensor) AdamW, a Python-loop teacher EMA and a ``loss.item()``
+sync every step. The models are the very same modules the fast path trains.
+"""
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+from dino_sparo.loss import DINOLoss
+from dino_sparo.models import SPARO
+
+
+def _per_token_sparo_forward(self: SPARO, tokens: torch.Tensor) -> torch.Tensor:
+    """SPARO as first written: keys (B, L, N, H) for every token and slot, then the weighted sum."""
+    batch, num_tokens, _ = tokens.shape
+    keys = self.key_proj(tokens).view(batch, num_tokens, self.num_slots, self.attn_dim).transpose(1, 2)
+    values = keys if self.value_proj is None else \
+        self.value_proj(tokens).view(batch, num_tokens, self.num_slots, self.attn_dim).transpose(1, 2)
+    attention = (torch.einsum("blnh,lh->bln", keys, self.queries) / math.sqrt(self.attn_dim)).softmax(dim=-1)
+    slots = self.out_proj(torch.einsum("bln,blnh->blh", attention, values))
+    if self.slot_norm:
+        slots = F.normalize(slots, dim=-1) * math.sqrt(1.0 / self.num_slots)
+    return slots.flatten(1)
+
+
+def make_reference_style(model: nn.Module) -> None:
+    """Switches every timm attention of ``model`` to explicit softmax attention and every SPARO to the
+    per-token formulation (same parameters, same maths)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fused_attn = False
+        if isinstance(module, SPARO):
+            module.forward = types.MethodType(_per_token_sparo_forward, module)
+
+
+def reference_dino_loss(loss: DINOLoss, student_output: torch.Tensor, teacher_output: torch.Tensor,
+                        epoch: int) -> torch.Tensor:
+    """DINO's loss loop: chunk per crop, one cross-entropy per (teacher view, other student view) pair."""
+    student_out = (student_output / loss.student_temp).chunk(loss.ncrops)
+    temp = loss.teacher_temperature(epoch)
+    teacher_out = F.softmax((teacher_output - loss.center) / temp, dim=-1).detach().chunk(2)
+    total, terms = 0.0, 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(len(student_out)):
+            if v == iq:
+                continue
+            total = total + torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1).mean()
+            terms += 1
+    loss.update_center(teacher_output)
+    return total / terms
+
+
+class ReferenceStep:
+    """One reference-style optimisation step over ``student`` (trained) and ``teacher`` (EMA)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, dino_loss: DINOLoss, param_groups: list[dict],
+                 clip_grad: float, freeze_last_layer: int) -> None:
+        make_reference_style(student)
+        make_reference_style(teacher)
+        self.student, self.teacher, self.dino_loss = student, teacher, dino_loss
+        self.optimizer = torch.optim.AdamW(param_groups)
+        self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
+
+    def __call__(self, crops: list[torch.Tensor], epoch: int, momentum: float) -> float:
+        teacher_output = self.teacher(crops[:2])
+        student_output = self.student(crops)
+        loss = reference_dino_loss(self.dino_loss, student_output, teacher_output, epoch)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError("non-finite loss")
+        self.optimizer.zero_grad()
+        loss.backward()
+        if self.clip_grad:
+            for param in self.student.parameters():
+                if param.grad is not None:
+                    clip_coef = self.clip_grad / (param.grad.data.norm(2) + 1e-6)
+                    if clip_coef < 1:
+                        param.grad.data.mul_(clip_coef)
+        if epoch < self.freeze_last_layer:
+            for name, param in self.student.named_parameters():
+                if "last_layer" in name:
+                    param.grad = None
+        self.optimizer.step()
+        with torch.no_grad():
+            for param_q, param_k in zip(self.student.parameters(), self.teacher.parameters()):
+                param_k.data.mul_(momentum).add_((1 - momentum) * param_q.detach().data)
+        return loss.item()

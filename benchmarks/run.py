@@ -1,0 +1,129 @@
+"""One entry point for every benchmark: prints a table per benchmark and writes all rows to JSON.
+
+    python -m benchmarks.run                       # training step, data pipeline and k-NN, baseline vs fast
+    python -m benchmarks.run --bench train --arch vit_small --readout cls sparo --batch_size 64 \\
+        --local_crops_number 8 --compile           # the GPU table
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dino_sparo.cli import UserError, bool_flag, positive_int, run_cli
+from dino_sparo.models.vision_transformer import ARCHS, READOUTS
+from dino_sparo.train import PRECISIONS
+
+from .common import machine_description, print_table, write_json
+
+BENCHES = ("train", "data", "knn")
+COLUMNS = {
+    "train": ["config", "arch", "readout", "mode", "precision", "compile", "images_per_s", "seconds", "peak_mib",
+              "speedup", "memory_ratio"],
+    "data": ["config", "mode", "images_per_s", "seconds", "speedup"],
+    "knn": ["config", "mode", "seconds", "top1", "top5", "speedup", "identical"],
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("dino_sparo benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--bench", nargs="+", choices=BENCHES, default=list(BENCHES), help="benchmarks to run")
+    parser.add_argument("--baseline", type=bool_flag, default=True,
+                        help="also run the reference-style baseline (fp32, explicit attention, Python-loop EMA, "
+                        "per-step sync, PIL per-crop augmentation, reference k-NN loop) and report fast/baseline "
+                        "ratios measured in this run")
+    parser.add_argument("--fast", type=bool_flag, default=True, help="run this project's default fast paths")
+    parser.add_argument("--json", default="benchmark_results.json", help="where to write all rows and the machine")
+
+    group = parser.add_argument_group("training step")
+    group.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=["vit_small"])
+    group.add_argument("--readout", nargs="+", choices=READOUTS, default=["cls", "sparo"])
+    group.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["auto"],
+                       help="precisions of the fast path (the baseline is always fp32); auto = what training uses")
+    group.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
+    group.add_argument("--batch_size", type=positive_int, default=4, help="images per step")
+    group.add_argument("--local_crops_number", type=int, default=4, help="local crops per image (plus 2 global)")
+    group.add_argument("--global_crop_size", type=positive_int, default=224)
+    group.add_argument("--local_crop_size", type=positive_int, default=96)
+    group.add_argument("--out_dim", type=positive_int, default=65536)
+    group.add_argument("--depth", type=positive_int, default=None, help="override the architecture's depth")
+    group.add_argument("--steps", type=positive_int, default=5,
+                       help="timed steps per configuration, interleaved (baseline, fast, baseline, ...); the best "
+                       "step of each is kept")
+    group.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+    group = parser.add_argument_group("multi-crop data pipeline (one worker thread)")
+    group.add_argument("--images", default=None, help="folder of photos (default: scikit-learn's sample JPEGs)")
+    group.add_argument("--data_local_crops", type=int, default=8, help="local crops per image")
+    group.add_argument("--data_images", type=positive_int, default=40, help="images per timed pass")
+    group.add_argument("--data_rounds", type=positive_int, default=3,
+                       help="interleaved passes (baseline, fast, baseline, ...); the best of each is kept")
+
+    group = parser.add_argument_group("k-NN")
+    group.add_argument("--knn_train", type=positive_int, default=50000)
+    group.add_argument("--knn_test", type=positive_int, default=5000)
+    group.add_argument("--knn_dim", type=positive_int, default=384)
+    group.add_argument("--knn_classes", type=positive_int, default=1000)
+    group.add_argument("--knn_k", type=positive_int, default=20)
+    group.add_argument("--knn_repeats", type=positive_int, default=3)
+    return parser
+
+
+def train_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    common = dict(batch_size=args.batch_size, local_crops=args.local_crops_number, out_dim=args.out_dim,
+                  global_crop_size=args.global_crop_size, local_crop_size=args.local_crop_size, depth=args.depth,
+                  device=args.device, warmup=args.warmup)
+    configs = []
+    for arch, readout in itertools.product(args.arch, args.readout):
+        if args.baseline:
+            configs.append(dict(common, arch=arch, readout=readout, mode="baseline", precision="fp32",
+                                compile=False))
+        if args.fast:
+            for precision, compiled in itertools.product(args.precision, (False, True) if args.compile else (False,)):
+                configs.append(dict(common, arch=arch, readout=readout, mode="fast", precision=precision,
+                                    compile=compiled))
+    return configs
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = get_args_parser().parse_args(argv)
+    if not (args.baseline or args.fast):
+        raise UserError("--baseline false and --fast false leave nothing to run")
+    if args.local_crops_number < 0 or args.data_local_crops < 0:
+        raise UserError("local crop counts must be >= 0")
+    modes = [m for m, on in (("baseline", args.baseline), ("fast", args.fast)) if on]
+    machine = machine_description()
+    print(f"machine: {machine}", flush=True)
+    results: dict[str, Any] = {"machine": machine, "argv": list(sys.argv[1:] if argv is None else argv), "rows": []}
+    for bench in args.bench:
+        print(f"\n== {bench} ==", flush=True)
+        if bench == "train":
+            from .train_step import bench_train
+
+            rows = bench_train(train_configs(args), args.steps, args.warmup)
+        elif bench == "data":
+            from .data import bench_data, sample_photos
+
+            rows = bench_data(sample_photos(args.images), args.data_local_crops, args.global_crop_size,
+                              args.local_crop_size, args.data_images, args.data_rounds, modes)
+        else:
+            from .knn import bench_knn
+
+            device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+                ("cpu" if args.device == "auto" else args.device)
+            rows = bench_knn(args.knn_train, args.knn_test, args.knn_dim, args.knn_classes, args.knn_k,
+                             args.knn_repeats, device, modes)
+        print_table(rows, [c for c in COLUMNS[bench] if any(c in row for row in rows)])
+        results["rows"].extend(rows)
+    write_json(args.json, results)
+    print(f"\nwrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)

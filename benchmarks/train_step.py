@@ -1,0 +1,159 @@
+"""Training-step throughput and peak memory, the fast path (``dino_sparo.train.TrainStep``) against the
+reference-style step (:mod:`benchmarks.reference_step`).
+
+Speed: all steps of one architecture (read-outs, baseline and fast) are built in one subprocess and timed
+alternately, step by step, keeping each one's best step, so that load from other processes hits them alike.
+Memory: each configuration runs alone in a fresh subprocess (``python -m benchmarks.train_step memory
+CONFIG_JSON``) and reports its peak resident set size (``getrusage`` max RSS of the whole process:
+interpreter, torch, both models, optimizer state, activations) on CPU, ``torch.cuda.max_memory_allocated``
+on a GPU.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .common import best_time
+
+def _train_args(config: dict[str, Any]):
+    from dino_sparo.train import parse_args
+
+    return parse_args([
+        "--arch", config["arch"], "--readout", config["readout"], "--out_dim", str(config["out_dim"]),
+        "--batch_size_per_gpu", str(config["batch_size"]), "--local_crops_number", str(config["local_crops"]),
+        "--global_crop_size", str(config["global_crop_size"]), "--local_crop_size", str(config["local_crop_size"]),
+        "--precision", config["precision"], "--device", config["device"],
+        *(["--depth", str(config["depth"])] if config.get("depth") else []),
+    ])
+
+
+def build_step(config: dict[str, Any]) -> tuple[Callable[[], Any], str, torch.device]:
+    """Student, teacher, loss, optimizer and inputs for ``config``; returns a callable running one step."""
+    from dino_sparo.loss import DINOLoss
+    from dino_sparo.optim import build_optimizer, get_params_groups
+    from dino_sparo.train import TrainStep, build_models, resolve_precision
+
+    from .reference_step import ReferenceStep
+
+    torch.manual_seed(0)
+    args = _train_args(config)
+    device = torch.device("cuda" if config["device"] == "auto" and torch.cuda.is_available() else
+                          ("cpu" if config["device"] == "auto" else config["device"]))
+    baseline = config["mode"] == "baseline"
+    precision = "fp32" if baseline else resolve_precision(args, device)
+    student, teacher = build_models(args, device)
+    ncrops = 2 + args.local_crops_number
+    dino_loss = DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs).to(device)
+    groups = get_params_groups(student)
+    if baseline:
+        step = ReferenceStep(student, teacher, dino_loss, groups, args.clip_grad, args.freeze_last_layer)
+        optimizer = step.optimizer
+    else:
+        if config["compile"]:
+            student.compile()
+            teacher.compile()
+        optimizer = build_optimizer(args.optimizer, groups, device)
+        scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        step = TrainStep(args, student, student, teacher, dino_loss, optimizer, scaler, precision, device)
+    for index, group in enumerate(optimizer.param_groups):
+        group["lr"] = args.lr * args.batch_size_per_gpu / 256
+        group["weight_decay"] = args.weight_decay if index == 0 else 0.0
+
+    batch = args.batch_size_per_gpu
+    crops = [torch.randn(batch, 3, args.global_crop_size, args.global_crop_size, device=device) for _ in range(2)]
+    crops += [torch.randn(batch, 3, args.local_crop_size, args.local_crop_size, device=device)
+              for _ in range(args.local_crops_number)]
+    # Epoch past freeze_last_layer, so the head's last layer is trained as in most of a run.
+    epoch = args.freeze_last_layer
+    return (lambda: step(crops, epoch, 0.996)), precision, device
+
+
+def measure_memory(config: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of one configuration alone in this (fresh) process: build, ``warmup`` + 1 steps."""
+    step, precision, device = build_step(config)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    best_time(step, repeats=1, warmup=config["warmup"])
+    if device.type == "cuda":
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20, "memory": "max_memory_allocated"}
+    # Linux reports KiB.
+    return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory": "max_rss"}
+
+
+def measure_speed(configs: list[dict[str, Any]], steps: int, warmup: int) -> list[dict[str, Any]]:
+    """Builds every configuration in this process and times their steps interleaved (one step of each in
+    turn, ``steps`` times), so load from other processes hits all of them alike; keeps each one's best."""
+    built = [build_step(config) for config in configs]
+    for step, _, _ in built:
+        for _ in range(warmup):
+            step()
+    best = [float("inf")] * len(configs)
+    for _ in range(steps):
+        for index, (step, _, _) in enumerate(built):
+            seconds, _ = best_time(step, repeats=1, warmup=0)
+            best[index] = min(best[index], seconds)
+    return [{"seconds_per_step": seconds, "images_per_s": config["batch_size"] / seconds, "precision": precision,
+             "device": str(device)} for seconds, config, (_, precision, device) in zip(best, configs, built)]
+
+
+def _run_in_subprocess(task: str, payload: Any) -> Any:
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.train_step", task, json.dumps(payload)],
+                               capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"training-step benchmark ({task}) failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def bench_train(configs: list[dict[str, Any]], steps: int, warmup: int, log=print) -> list[dict[str, Any]]:
+    """Rows with images/s and peak memory for every configuration, plus each fast row's ratios to the
+    baseline row of the same architecture and read-out.
+
+    Speed: the configurations of one architecture share a process and are timed interleaved.
+    Memory: each configuration runs alone in a fresh process.
+    """
+    rows = []
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for config in configs:
+        groups.setdefault(config["arch"], []).append(config)
+    for group in groups.values():
+        speeds = _run_in_subprocess("speed", {"configs": group, "steps": steps, "warmup": warmup})
+        for config, speed in zip(group, speeds):
+            memory = _run_in_subprocess("memory", config)
+            log(f"  {_label(config)}: {speed['images_per_s']:.3g} images/s, peak {memory['peak_mib']:.0f} MiB")
+            rows.append({"bench": "train_step", "config": _shape(config), "arch": config["arch"],
+                         "readout": config["readout"], "mode": config["mode"], "precision": speed["precision"],
+                         "compile": config["compile"], "device": speed["device"],
+                         "seconds": speed["seconds_per_step"], "images_per_s": speed["images_per_s"],
+                         "peak_mib": memory["peak_mib"], "memory": memory["memory"]})
+    for row in rows:
+        base = next((r for r in rows if r["mode"] == "baseline" and r["arch"] == row["arch"]
+                     and r["readout"] == row["readout"]), None)
+        if row["mode"] == "fast" and base is not None:
+            row["speedup"] = base["seconds"] / row["seconds"]
+            row["memory_ratio"] = row["peak_mib"] / base["peak_mib"]
+    return rows
+
+
+def _shape(config: dict[str, Any]) -> str:
+    return (f"b{config['batch_size']} 2x{config['global_crop_size']}+{config['local_crops']}x"
+            f"{config['local_crop_size']} K={config['out_dim']}")
+
+
+def _label(config: dict[str, Any]) -> str:
+    extra = " compile" if config["compile"] else ""
+    return f"{config['arch']}/{config['readout']} {config['mode']} {config['precision']}{extra}"
+
+
+if __name__ == "__main__":
+    task, payload = sys.argv[1], json.loads(sys.argv[2])
+    if task == "speed":
+        print(json.dumps(measure_speed(payload["configs"], payload["steps"], payload["warmup"])))
+    else:
+        print(json.dumps(measure_memory(payload)))

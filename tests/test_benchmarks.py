@@ -1,0 +1,116 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks.reference_step import ReferenceStep, reference_dino_loss
+from benchmarks.run import main
+from dino_sparo.cli import UserError
+from dino_sparo.loss import DINOLoss
+from dino_sparo.optim import build_optimizer, get_params_groups
+from dino_sparo.train import TrainStep, build_models, parse_args
+
+TINY_MODEL = ["--arch", "vit_tiny", "--depth", "3", "--out_dim", "256", "--global_crop_size", "32",
+              "--local_crop_size", "16", "--batch_size", "2", "--local_crops_number", "2"]
+
+
+def write_photos(folder, count=2):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"photo{index}.jpg", quality=90)
+    return folder
+
+
+@pytest.mark.slow
+def test_entry_point_prints_tables_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    photos = write_photos(tmp_path / "photos")
+    main([*TINY_MODEL, "--readout", "cls", "sparo", "--steps", "1", "--warmup", "0", "--data_rounds", "1",
+          "--images", str(photos), "--data_images", "2", "--data_local_crops", "2", "--knn_train", "300",
+          "--knn_test", "40", "--knn_dim", "16", "--knn_classes", "5", "--knn_repeats", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    for header in ("== train ==", "== data ==", "== knn ==", "images_per_s", "speedup"):
+        assert header in printed
+    results = json.loads(out.read_text())
+    assert {"cpu", "threads", "torch"} <= set(results["machine"])
+    rows = results["rows"]
+    train = [r for r in rows if r["bench"] == "train_step"]
+    expected = {(readout, mode) for readout in ("cls", "sparo") for mode in ("baseline", "fast")}
+    assert {(r["readout"], r["mode"]) for r in train} == expected
+    for row in train:
+        assert row["images_per_s"] > 0 and row["peak_mib"] > 0 and row["seconds"] > 0
+        assert row["precision"] in ("fp32", "bf16", "fp16")
+        assert ("speedup" in row) == (row["mode"] == "fast")
+    baseline = next(r for r in train if r["mode"] == "baseline")
+    assert baseline["precision"] == "fp32"
+    data = [r for r in rows if r["bench"] == "data"]
+    assert [r["mode"] for r in data] == ["baseline", "fast"] and data[1]["speedup"] > 0
+    knn = [r for r in rows if r["bench"] == "knn"]
+    assert [r["mode"] for r in knn] == ["baseline", "fast"]
+    assert knn[1]["identical"] is True  # the same features must give the same accuracies
+    assert 0 < knn[1]["top1"] < 100  # the synthetic clusters are neither trivial nor hopeless
+
+
+def test_fast_only_mode_and_bad_inputs(tmp_path):
+    out = tmp_path / "knn.json"
+    main(["--bench", "knn", "--baseline", "false", "--knn_train", "100", "--knn_test", "10", "--knn_dim", "8",
+          "--knn_classes", "3", "--knn_repeats", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["fast"] and "speedup" not in rows[0]
+    with pytest.raises(UserError, match="nothing to run"):
+        main(["--baseline", "false", "--fast", "false"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .jpg"):
+        main(["--bench", "data", "--images", str(tmp_path / "empty"), "--json", str(out)])
+
+
+@pytest.mark.parametrize("readout", ["cls", "sparo"])
+def test_baseline_step_does_the_same_update_as_the_fast_step(readout):
+    """The reference-style step (explicit attention, per-token SPARO, loss loop, loop EMA) and the project's
+    step must train identically from identical weights, or the speed ratio would compare different work."""
+    args = parse_args(["--arch", "vit_tiny", "--depth", "3", "--readout", readout, "--sparo_slots", "4",
+                       "--sparo_slot_dim", "8", "--out_dim", "64", "--head_hidden_dim", "32",
+                       "--head_bottleneck_dim", "16", "--drop_path_rate", "0", "--global_crop_size", "32",
+                       "--local_crop_size", "16", "--local_crops_number", "2", "--precision", "fp32"])
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    crops = [torch.randn(2, 3, 32, 32) for _ in range(2)] + [torch.randn(2, 3, 16, 16) for _ in range(2)]
+    results = []
+    for kind in ("fast", "baseline"):
+        torch.manual_seed(1)
+        student, teacher = build_models(args, device)
+        initial = torch.cat([p.detach().flatten().clone() for p in teacher.parameters()])
+        loss = DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, 10)
+        groups = get_params_groups(student)
+        if kind == "fast":
+            optimizer = build_optimizer("adamw", groups, device)
+            step = TrainStep(args, student, student, teacher, loss, optimizer, None, "fp32", device)
+        else:
+            step = ReferenceStep(student, teacher, loss, groups, args.clip_grad, args.freeze_last_layer)
+            optimizer = step.optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3
+        for _ in range(2):
+            value = step(crops, 1, 0.9)
+        update = torch.cat([p.detach().flatten() for p in teacher.parameters()]) - initial
+        results.append((float(value["loss"]) if isinstance(value, dict) else value, update, loss.center.clone()))
+    (fast_loss, fast_update, fast_center), (base_loss, base_update, base_center) = results
+    assert fast_loss == pytest.approx(base_loss, rel=1e-5)
+    torch.testing.assert_close(fast_center, base_center, rtol=1e-5, atol=1e-6)
+    # Adam turns rounding-level gradient differences of near-zero gradients into whole lr-sized steps, so
+    # compare the teacher's total update as a vector rather than element by element.
+    assert fast_update.norm() > 0
+    assert (fast_update - base_update).norm() / fast_update.norm() < 1e-2
+
+
+def test_reference_loss_loop_equals_project_loss():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5 * 3, 32), torch.randn(2 * 3, 32)
+    project, reference = DINOLoss(32, 5, 0.04, 0.04, 0, 10), DINOLoss(32, 5, 0.04, 0.04, 0, 10)
+    expected = project(student, teacher, 0)
+    torch.testing.assert_close(reference_dino_loss(reference, student, teacher, 0), expected)
+    torch.testing.assert_close(reference.center, project.center)
