@@ -12,7 +12,7 @@ import torch
 
 from dino_sparo.cli import UserError
 from dino_sparo.data.augment import DataAugmentationDINO
-from dino_sparo.data.datasets import load_rgb
+from dino_sparo.imagefiles import load_rgb
 
 from .reference_augment import ReferenceAugmentationDINO
 
