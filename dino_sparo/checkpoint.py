@@ -83,14 +83,14 @@ class LoadReport:
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors"]
         if self.missing:
-            lines.append(f"missing (left at initialisation): {_summarise(self.missing)}")
+            lines.append(f"missing (left at initialisation): {summarise_keys(self.missing)}")
         if self.unused:
-            lines.append(f"unused from the checkpoint: {_summarise(self.unused)}")
+            lines.append(f"unused from the checkpoint: {summarise_keys(self.unused)}")
         lines.extend(self.notes)
         return "\n".join(lines)
 
 
-def _summarise(keys: list[str]) -> str:
+def summarise_keys(keys: list[str]) -> str:
     """Collapses ``blocks.11.*`` style groups so a report stays readable."""
     groups: dict[str, int] = {}
     for key in keys:

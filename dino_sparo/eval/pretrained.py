@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..checkpoint import _summarise, load_checkpoint_file, load_weights, select_state_dict, strip_prefixes
+from ..checkpoint import summarise_keys, load_checkpoint_file, load_weights, select_state_dict, strip_prefixes
 from ..cli import UserError, add_model_args, build_model_from_config, positive_int, resolve_model_config
 from ..models import ARCHS, VisionTransformer
 
@@ -70,16 +70,16 @@ def load_frozen_backbone(args: argparse.Namespace, log: bool = True) -> tuple[Vi
     model = build_model_from_config(config)
     report = load_weights(model, state_dict, "backbone")
     if report.missing:
-        unused = _summarise(report.unused) or "none"
+        unused = summarise_keys(report.unused) or "none"
         raise UserError(f"{path} (key {args.checkpoint_key!r}) does not hold weights for this architecture "
                         f"({config['arch']}, depth {config['depth']}, read-out {config['readout']}): missing "
-                        f"{_summarise(report.missing)}; unused from the checkpoint: {unused}")
+                        f"{summarise_keys(report.missing)}; unused from the checkpoint: {unused}")
     if log:
         described = ", ".join(f"{k}={v}" for k, v in config.items())
         print(f"loaded {len(report.loaded)} tensors from {path} (key {args.checkpoint_key!r}); model: {described}",
               flush=True)
         if report.unused:
-            print(f"unused from the checkpoint: {_summarise(report.unused)}", flush=True)
+            print(f"unused from the checkpoint: {summarise_keys(report.unused)}", flush=True)
     model.requires_grad_(False)
     model.eval()
     return model, config
