@@ -7,6 +7,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dino_sparo.distributed import is_dist_initialized
+
 
 def teacher_temperature_schedule(warmup_teacher_temp: float, teacher_temp: float, warmup_teacher_temp_epochs: int,
                                  nepochs: int) -> np.ndarray:
@@ -73,7 +75,7 @@ class DINOLoss(nn.Module):
         """EMA of the teacher's batch mean, averaged over ranks when a process group exists."""
         batch_sum = teacher_output.detach().float().sum(dim=0, keepdim=True)
         count = torch.tensor(float(teacher_output.shape[0]), device=batch_sum.device)
-        if dist.is_available() and dist.is_initialized():
+        if is_dist_initialized():
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)

@@ -23,7 +23,8 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _images_under(directory: str) -> list[str]:
+def images_under(directory: str) -> list[str]:
+    """Image files below ``directory``, recursively, in a stable sorted walk order."""
     found = []
     for current, subdirs, files in os.walk(directory, followlinks=True):
         subdirs.sort()
@@ -46,7 +47,7 @@ def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str], int]
         raise UserError(f"data path is not a folder: {root}")
     entries = sorted(os.scandir(root), key=lambda entry: entry.name)
     loose = [entry.path for entry in entries if entry.is_file() and _is_image(entry.name)]
-    class_images = {entry.name: _images_under(entry.path) for entry in entries
+    class_images = {entry.name: images_under(entry.path) for entry in entries
                     if entry.is_dir() and not entry.name.startswith(".")}
     classes = [name for name, images in class_images.items() if images]
     if classes:

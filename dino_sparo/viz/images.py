@@ -14,6 +14,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from ..cli import UserError
+from ..data.datasets import images_under
 from ..eval.features import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -31,7 +32,7 @@ def find_images(paths: Sequence[str | os.PathLike], max_images: int | None = Non
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS))
+            found.extend(Path(file) for file in images_under(str(path)))
         elif path.is_file():
             found.append(path)
         else:
