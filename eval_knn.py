@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 
-from dino_sparo.cli import bool_flag, positive_int, run_cli
+from dino_sparo.cli import bool_flag, positive_int
+from dino_sparo.errors import run_cli
+from dino_sparo.eval.flags import add_common_eval_args
 from dino_sparo.eval.knn_eval import evaluate_knn
-from dino_sparo.eval.pretrained import add_common_eval_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,7 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     slots.add_argument("--select_holdout", type=float, default=0.1,
                        help="fraction of train held out to score slots for --select_slots (default: 0.1)")
     slots.add_argument("--seed", type=int, default=0, help="fixes the held-out part of train (default: 0)")
-    slots.add_argument("--output_dir", default=".", help="where the slot JSON files are written (default: .)")
+    slots.add_argument("--output_dir", default=None,
+                       help="where the slot JSON files are written (default: the folder of --pretrained_weights)")
     return parser
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 
-from dino_sparo.cli import bool_flag, positive_int, run_cli
+from dino_sparo.cli import bool_flag, positive_int
+from dino_sparo.errors import run_cli
+from dino_sparo.eval.flags import add_common_eval_args
 from dino_sparo.eval.linear import evaluate_linear
-from dino_sparo.eval.pretrained import add_common_eval_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:

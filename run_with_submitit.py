@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 from collections.abc import Sequence
 
 import submitit
 
-from dino_sparo.cli import UserError, run_cli
-from dino_sparo.train import get_args_parser, validate_args
+from dino_sparo.distributed import destroy_distributed
+from dino_sparo.errors import Preempted, UserError, run_cli
+from dino_sparo.train import train_dino
+from dino_sparo.train_setup import validate_args
+from main_dino import get_args_parser
 
 CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,12 +51,6 @@ class Trainer:
         self.args = args
 
     def __call__(self) -> None:
-        if CODE_DIR not in sys.path:
-            sys.path.insert(0, CODE_DIR)
-        from dino_sparo.distributed import destroy_distributed
-        from dino_sparo.preemption import Preempted
-        from dino_sparo.train import train_dino
-
         self._setup_environment()
         try:
             train_dino(self.args)
@@ -93,6 +89,9 @@ def submit(args: argparse.Namespace) -> submitit.Job:
         os.makedirs(args.shared_dir, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot create --shared_dir {args.shared_dir}: {error.strerror}") from None
+    # The jobs import this repository's modules: they inherit this variable (sbatch exports the environment), so
+    # they need no `pip install -e .` on the compute nodes.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [CODE_DIR, os.environ.get("PYTHONPATH")]))
     executor = submitit.AutoExecutor(folder=os.path.join(args.shared_dir, "%j"), cluster=args.cluster,
                                      slurm_max_num_timeout=30)
     tasks_per_node = max(1, args.ngpus)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-import torch
-
-from dino_sparo.cli import add_model_args, positive_int, run_cli
+from dino_sparo.cli import positive_int, slot_list
+from dino_sparo.errors import run_cli
+from dino_sparo.models.config import add_model_args
 from dino_sparo.viz.attention import PEAKEDNESS_HELP
-from dino_sparo.viz.run import DEFAULT_TOP_SLOTS, slot_list, visualize
+from dino_sparo.viz.run import DEFAULT_TOP_SLOTS, visualize
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -21,9 +21,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(CLS self-attention of each head of the last remaining block) and summary.json to --output_dir.")
     parser.add_argument("--pretrained_weights", required=True,
                         help="checkpoint: this project's (architecture from its saved args) or DINO-format")
-    parser.add_argument("--checkpoint_key", default="teacher", help="sub-dict holding the weights (default: %(default)s)")
-    parser.add_argument("--images", nargs="+", required=True,
-                        help="image files and/or folders (searched recursively)")
+    parser.add_argument("--checkpoint_key", default="teacher",
+                        help="sub-dict holding the weights (default: %(default)s)")
+    parser.add_argument("--images", "--image_path", nargs="+", required=True,
+                        help="image files and/or folders (searched recursively); --image_path is the name DINO's "
+                        "visualize_attention.py uses")
     parser.add_argument("--max_images", type=positive_int, default=None, help="use at most this many images")
     parser.add_argument("--output_dir", default="viz", help="where the PNGs and summary.json go (default: %(default)s)")
     selection = parser.add_mutually_exclusive_group()
@@ -39,8 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="heat-map opacity over the image, 0-1; maps are min-max scaled per tile "
                         "(default: %(default)s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="default: cuda if available, else cpu")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     add_model_args(parser, from_checkpoint=True)
     return parser
 

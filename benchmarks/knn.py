@@ -37,7 +37,8 @@ def bench_knn(num_train: int, num_test: int, dim: int, num_classes: int, k: int,
         if name not in modes:
             continue
         seconds, (top1, top5) = best_time(
-            lambda: classifier(train, train_labels, test, test_labels, k, 0.07, num_classes), repeats)
+            lambda classifier=classifier: classifier(train, train_labels, test, test_labels, k, 0.07, num_classes),
+            repeats)
         rows.append({"bench": "knn", "config": shape, "mode": name, "seconds": seconds, "top1": top1,
                      "top5": top5})
     if len(rows) == 2:

@@ -3,35 +3,43 @@
     python -m benchmarks.run                       # training step, data pipeline and k-NN, baseline vs fast
     python -m benchmarks.run --bench train --arch vit_small --readout cls sparo --batch_size 64 \\
         --local_crops_number 8 --compile           # the GPU table
+    python -m benchmarks.run --bench loader        # multi-worker DataLoader throughput, every core
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from dino_sparo.cli import UserError, bool_flag, positive_int, run_cli
+from dino_sparo.cli import bool_flag, positive_int
+from dino_sparo.errors import UserError, run_cli
 from dino_sparo.models.vision_transformer import ARCHS, READOUTS
-from dino_sparo.train import PRECISIONS
+from dino_sparo.train_setup import PRECISIONS
 
 from .common import machine_description, print_table, write_json
+from .loader import TRANSFORMS as LOADER_TRANSFORMS
+from .loader import bench_loader
 
-BENCHES = ("train", "data", "knn")
+BENCHES = ("train", "data", "knn", "loader")
+DEFAULT_BENCHES = ("train", "data", "knn")  # the loader bench takes every core, so it runs only when named
 COLUMNS = {
     "train": ["config", "arch", "readout", "mode", "precision", "compile", "images_per_s", "seconds", "peak_mib",
               "speedup", "memory_ratio"],
-    "data": ["config", "mode", "images_per_s", "seconds", "speedup"],
+    "data": ["config", "mode", "worker_core_ms", "main_core_ms", "images_per_s", "seconds", "speedup"],
     "knn": ["config", "mode", "seconds", "top1", "top5", "speedup", "identical"],
+    "loader": ["config", "mode", "workers", "images_per_s", "seconds"],
 }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("dino_sparo benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--bench", nargs="+", choices=BENCHES, default=list(BENCHES), help="benchmarks to run")
+    parser.add_argument("--bench", nargs="+", choices=BENCHES, default=list(DEFAULT_BENCHES),
+                        help="benchmarks to run")
     parser.add_argument("--baseline", type=bool_flag, default=True,
                         help="also run the reference-style baseline (fp32, explicit attention, Python-loop EMA, "
                         "per-step sync, PIL per-crop augmentation, reference k-NN loop) and report fast/baseline "
@@ -63,6 +71,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--data_images", type=positive_int, default=40, help="images per timed pass")
     group.add_argument("--data_rounds", type=positive_int, default=3,
                        help="interleaved passes (baseline, fast, baseline, ...); the best of each is kept")
+
+    group = parser.add_argument_group("data loader (worker processes; crops as the data pipeline's)")
+    group.add_argument("--loader_transform", nargs="+", choices=sorted(LOADER_TRANSFORMS), default=["pil", "uint8"],
+                       help="multi-crop transforms, by name: pil (the reference chain) and uint8 (the workers' half "
+                       "of the fast path)")
+    group.add_argument("--loader_workers", type=int, default=os.cpu_count(), help="DataLoader worker processes")
+    group.add_argument("--loader_images", type=positive_int, default=1024,
+                       help="images per pass (generated 500x375 JPEGs); one warm-up pass, then 3 timed passes")
 
     group = parser.add_argument_group("k-NN")
     group.add_argument("--knn_train", type=positive_int, default=50000)
@@ -96,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise UserError("--baseline false and --fast false leave nothing to run")
     if args.local_crops_number < 0 or args.data_local_crops < 0:
         raise UserError("local crop counts must be >= 0")
+    if args.loader_workers < 0:
+        raise UserError("--loader_workers must be >= 0")
     modes = [m for m, on in (("baseline", args.baseline), ("fast", args.fast)) if on]
     machine = machine_description()
     print(f"machine: {machine}", flush=True)
@@ -111,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
             rows = bench_data(sample_photos(args.images), args.data_local_crops, args.global_crop_size,
                               args.local_crop_size, args.data_images, args.data_rounds, modes)
+        elif bench == "loader":
+            rows = [row for transform in args.loader_transform
+                    for row in bench_loader(transform, args.loader_workers, args.loader_images, args.data_local_crops,
+                                            args.global_crop_size, args.local_crop_size)]
         else:
             from .knn import bench_knn
 
@@ -119,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             rows = bench_knn(args.knn_train, args.knn_test, args.knn_dim, args.knn_classes, args.knn_k,
                              args.knn_repeats, device, modes)
         print_table(rows, [c for c in COLUMNS[bench] if any(c in row for row in rows)])
+        if bench == "data" and len(rows) == 2:
+            from .data import summary_line
+
+            print(summary_line(rows))
         results["rows"].extend(rows)
     write_json(args.json, results)
     print(f"\nwrote {args.json}")

@@ -1,4 +1,4 @@
-"""Training-step throughput and peak memory, the fast path (``dino_sparo.train.TrainStep``) against the
+"""Training-step throughput and peak memory, the fast path (``dino_sparo.train_step.TrainStep``) against the
 reference-style step (:mod:`benchmarks.reference_step`).
 
 Speed: all steps of one architecture (read-outs, baseline and fast) are built in one subprocess and timed
@@ -21,8 +21,9 @@ import torch
 
 from .common import best_time
 
+
 def _train_args(config: dict[str, Any]):
-    from dino_sparo.train import parse_args
+    from main_dino import parse_args
 
     return parse_args([
         "--arch", config["arch"], "--readout", config["readout"], "--out_dim", str(config["out_dim"]),
@@ -33,20 +34,26 @@ def _train_args(config: dict[str, Any]):
     ])
 
 
+def _device(config: dict[str, Any]) -> torch.device:
+    if config["device"] == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config["device"])
+
+
 def build_step(config: dict[str, Any]) -> tuple[Callable[[], Any], str, torch.device]:
     """Student, teacher, loss, optimizer and inputs for ``config``; returns a callable running one step."""
     from dino_sparo.loss import DINOLoss
     from dino_sparo.optim import build_optimizer, get_params_groups
-    from dino_sparo.train import TrainStep, build_models, resolve_precision
+    from dino_sparo.train_setup import build_models, resolve_precision
+    from dino_sparo.train_step import TrainStep
 
     from .reference_step import ReferenceStep
 
     torch.manual_seed(0)
     args = _train_args(config)
-    device = torch.device("cuda" if config["device"] == "auto" and torch.cuda.is_available() else
-                          ("cpu" if config["device"] == "auto" else config["device"]))
+    device = _device(config)
     baseline = config["mode"] == "baseline"
-    precision = "fp32" if baseline else resolve_precision(args, device)
+    precision = "fp32" if baseline else resolve_precision(args.precision, args.use_fp16, device)
     student, teacher = build_models(args, device)
     ncrops = 2 + args.local_crops_number
     dino_loss = DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
@@ -89,18 +96,35 @@ def measure_memory(config: dict[str, Any]) -> dict[str, Any]:
 
 def measure_speed(configs: list[dict[str, Any]], steps: int, warmup: int) -> list[dict[str, Any]]:
     """Builds every configuration in this process and times their steps interleaved (one step of each in
-    turn, ``steps`` times), so load from other processes hits all of them alike; keeps each one's best."""
-    built = [build_step(config) for config in configs]
-    for step, _, _ in built:
-        for _ in range(warmup):
-            step()
+    turn, ``steps`` times), so load from other processes hits all of them alike; keeps each one's best.
+
+    On a GPU each configuration's peak memory is measured here too, as the peak allocated while it was built
+    and warmed up above what was allocated before (the allocator counts exactly, whatever else is resident),
+    which spares a fresh process, and a second torch.compile, per configuration.
+    """
+    built, peaks = [], []
+    for config in configs:
+        cuda = _device(config).type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        built.append(build_step(config))
+        for _ in range(max(warmup, 1 if cuda else 0)):
+            built[-1][0]()
+        if cuda:
+            torch.cuda.synchronize()
+            peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
     best = [float("inf")] * len(configs)
     for _ in range(steps):
         for index, (step, _, _) in enumerate(built):
             seconds, _ = best_time(step, repeats=1, warmup=0)
             best[index] = min(best[index], seconds)
-    return [{"seconds_per_step": seconds, "images_per_s": config["batch_size"] / seconds, "precision": precision,
+    rows = [{"seconds_per_step": seconds, "images_per_s": config["batch_size"] / seconds, "precision": precision,
              "device": str(device)} for seconds, config, (_, precision, device) in zip(best, configs, built)]
+    for row, peak in zip(rows, peaks):
+        row["peak_mib"], row["memory"] = peak, "max_memory_allocated (in process)"
+    return rows
 
 
 def _run_in_subprocess(task: str, payload: Any) -> Any:
@@ -116,7 +140,8 @@ def bench_train(configs: list[dict[str, Any]], steps: int, warmup: int, log=prin
     baseline row of the same architecture and read-out.
 
     Speed: the configurations of one architecture share a process and are timed interleaved.
-    Memory: each configuration runs alone in a fresh process.
+    Memory: on a GPU, measured in that process (see :func:`measure_speed`); on a CPU, where only the whole
+    process's peak RSS is known, each configuration runs alone in a fresh process.
     """
     rows = []
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -125,7 +150,7 @@ def bench_train(configs: list[dict[str, Any]], steps: int, warmup: int, log=prin
     for group in groups.values():
         speeds = _run_in_subprocess("speed", {"configs": group, "steps": steps, "warmup": warmup})
         for config, speed in zip(group, speeds):
-            memory = _run_in_subprocess("memory", config)
+            memory = speed if "peak_mib" in speed else _run_in_subprocess("memory", config)
             log(f"  {_label(config)}: {speed['images_per_s']:.3g} images/s, peak {memory['peak_mib']:.0f} MiB")
             rows.append({"bench": "train_step", "config": _shape(config), "arch": config["arch"],
                          "readout": config["readout"], "mode": config["mode"], "precision": speed["precision"],

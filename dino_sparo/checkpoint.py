@@ -1,22 +1,34 @@
-"""Reading checkpoints safely and loading weights (this project's and DINO-format ones) into models."""
+"""The one reader and writer of checkpoints and other outputs.
+
+Reading: every file goes through :func:`read_checkpoint` (``torch.load(weights_only=True)``, one-line errors);
+:func:`read_weights` selects a sub-dict (``teacher``, ``student``, ...) and strips wrapper prefixes once, then
+:func:`load_pretrained_weights` loads a backbone leniently (start from a DINO model) or strictly (evaluate a frozen
+one), :func:`load_student_weights` adds the DINO head, and :func:`restart_from_checkpoint` (:func:`restore_state`)
+resumes training state.
+Writing: :func:`save_atomic` and :func:`write_json_atomic` write a temporary file, fsync it and rename it into
+place, so a crash mid-write leaves the previous file intact.
+"""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .cli import UserError
+from .errors import UserError
 
-_PREFIXES = ("module.", "backbone.", "_orig_mod.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+_BACKBONE_PREFIX = "backbone."  # the multi-crop wrapper's
+_HEAD_PREFIX = "head."
 
 
-def load_checkpoint_file(path: str | os.PathLike) -> Any:
+def read_checkpoint(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU, with one-line :class:`UserError`s for bad files.
 
     ``weights_only=True`` refuses pickled objects that could run code when unpickled.
@@ -27,8 +39,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        message = str(error)
-        unsafe = re.search(r"GLOBAL ([\w.]+)", message)
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
         if unsafe:
             raise UserError(f"refusing to load {path}: it holds a pickled {unsafe.group(1)}, which could run code "
                             f"when loaded (only tensors and plain containers are accepted)") from None
@@ -58,23 +69,43 @@ def select_state_dict(checkpoint: Any, checkpoint_key: str | None, path: str = "
                     f"{', '.join(candidates) if candidates else 'none'}")
 
 
-def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Removes DDP's ``module.``, the multi-crop wrapper's ``backbone.`` and torch.compile's ``_orig_mod.``."""
+def strip_prefixes(state_dict: Mapping[str, Any], keep_wrapper: bool = False) -> dict[str, Any]:
+    """Removes DDP's ``module.`` and torch.compile's ``_orig_mod.`` from every key, and also the multi-crop
+    wrapper's ``backbone.`` unless ``keep_wrapper`` (for loading a whole wrapper: ``backbone.*`` + ``head.*``)."""
+    prefixes = _WRAPPER_PREFIXES if keep_wrapper else (*_WRAPPER_PREFIXES, _BACKBONE_PREFIX)
     cleaned = {}
     for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
+        while (prefix := next((p for p in prefixes if key.startswith(p)), None)) is not None:
+            key = key[len(prefix):]
         cleaned[key] = value
     return cleaned
 
 
 @dataclass
+class Weights:
+    """One model's weights read from a checkpoint: the backbone and DINO-head tensors (prefixes stripped) and the
+    run's saved args (None for checkpoints without them, such as DINO's official ones)."""
+    path: str
+    key: str | None
+    backbone: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor]
+    saved_args: Mapping[str, Any] | None
+
+
+def read_weights(path: str | os.PathLike, checkpoint_key: str | None = "teacher") -> Weights:
+    """Reads ``path`` once and splits the weights under ``checkpoint_key`` into backbone and head."""
+    path = os.fspath(path)
+    checkpoint = read_checkpoint(path)
+    state = strip_prefixes(select_state_dict(checkpoint, checkpoint_key, path), keep_wrapper=True)
+    head = {key[len(_HEAD_PREFIX):]: value for key, value in state.items() if key.startswith(_HEAD_PREFIX)}
+    backbone = strip_prefixes({key: value for key, value in state.items() if not key.startswith(_HEAD_PREFIX)})
+    saved_args = checkpoint.get("args")
+    return Weights(path, checkpoint_key, backbone, head, saved_args if isinstance(saved_args, Mapping) else None)
+
+
+@dataclass
 class LoadReport:
-    """What :func:`load_weights` did, for printing."""
+    """What a load did, for printing."""
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
@@ -94,14 +125,14 @@ def summarise_keys(keys: list[str]) -> str:
     """Collapses ``blocks.11.*`` style groups so a report stays readable."""
     groups: dict[str, int] = {}
     for key in keys:
-        match = re.match(r"^(blocks\.\d+|sparo|head)\.", key)
+        match = re.match(r"^(blocks\.\d+|sparo|head|mlp|last_layer)\.", key)
         group = f"{match.group(1)}.*" if match else key
         groups[group] = groups.get(group, 0) + 1
     return ", ".join(f"{group} ({count})" if count > 1 else group for group, count in groups.items())
 
 
-def load_weights(module: nn.Module, state_dict: Mapping[str, Any], what: str = "model") -> LoadReport:
-    """Loads matching keys non-strictly; a shape mismatch is a :class:`UserError` naming the tensor."""
+def _load_matching(module: nn.Module, state_dict: Mapping[str, Any], what: str) -> LoadReport:
+    """Loads the keys ``module`` has, non-strictly; a shape mismatch is a :class:`UserError` naming the tensor."""
     own = module.state_dict()
     for key, value in state_dict.items():
         if key in own and own[key].shape != value.shape:
@@ -109,56 +140,143 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, Any], what: str = "
                             f"{tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in the model "
                             f"(check --arch, --patch_size and the SPARO flags)")
     result = module.load_state_dict(dict(state_dict), strict=False)
-    unused = list(result.unexpected_keys)
-    loaded = [k for k in state_dict if k not in set(unused)]
-    return LoadReport(loaded=loaded, missing=list(result.missing_keys), unused=unused)
+    unused = set(result.unexpected_keys)
+    return LoadReport(loaded=[k for k in state_dict if k not in unused], missing=list(result.missing_keys),
+                      unused=list(result.unexpected_keys))
 
 
-def load_pretrained_weights(model: nn.Module, path: str | os.PathLike, checkpoint_key: str | None = "teacher",
-                            verbose: bool = True) -> LoadReport:
-    """Loads a backbone from this project's checkpoints or DINO-format ones and reports what happened.
+def load_pretrained_weights(model: nn.Module, source: Weights | str | os.PathLike,
+                            checkpoint_key: str | None = "teacher", strict: bool = False, verbose: bool = True,
+                            architecture: str | None = None) -> LoadReport:
+    """Loads a backbone from this project's checkpoints, DINO-format ones or timm ViT state dicts.
 
-    Accepts ``teacher``/``student`` sub-dicts or a bare state dict, strips ``module.``/``backbone.`` prefixes
-    and ignores DINO head entries. Loading a 12-block DINO checkpoint into a SPARO model fills the shared
-    blocks; the replaced block(s) are reported as dropped and SPARO keeps its fresh initialisation.
+    Lenient (``strict=False``, for starting a run from a trained model): loading a 12-block DINO checkpoint into
+    a SPARO model fills the shared blocks, reports the replaced block(s) as dropped and leaves SPARO at its
+    initialisation. Strict (for evaluating a frozen model): every parameter of ``model`` must come from the
+    checkpoint, else a :class:`UserError` names what is missing (``architecture`` describes the model built).
     """
-    checkpoint = load_checkpoint_file(path)
-    state_dict = strip_prefixes(select_state_dict(checkpoint, checkpoint_key, os.fspath(path)))
-    head_keys = [k for k in state_dict if k.startswith("head.")]
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-    if not state_dict:
-        raise UserError(f"{os.fspath(path)} (key {checkpoint_key!r}) holds no backbone weights")
-    report = load_weights(model, state_dict, "backbone")
-    if head_keys:
-        report.notes.append(f"ignored {len(head_keys)} DINO head tensors (head.*): a backbone has no head")
+    weights = source if isinstance(source, Weights) else read_weights(source, checkpoint_key)
+    where = f"{weights.path} (key {weights.key!r})"
+    if not weights.backbone:
+        raise UserError(f"{where} holds no backbone weights")
+    report = _load_matching(model, weights.backbone, "backbone")
+    if not report.loaded:
+        raise UserError(f"no tensor of {weights.path} matches this model; is it a ViT checkpoint?")
+    if strict and report.missing:
+        unused = summarise_keys(report.unused) or "none"
+        raise UserError(f"{where} does not hold weights for this architecture ({architecture or 'as built'}): "
+                        f"missing {summarise_keys(report.missing)}; unused from the checkpoint: {unused}")
+    if weights.head:
+        report.notes.append(f"ignored {len(weights.head)} DINO head tensors (head.*): a backbone has no head")
     dropped_blocks = sorted({int(m.group(1)) for k in report.unused if (m := re.match(r"^blocks\.(\d+)\.", k))})
     if dropped_blocks and getattr(model, "sparo", None) is not None:
-        report.notes.append(
-            f"dropped block(s) {', '.join(map(str, dropped_blocks))} and the final CLS path: replaced by the "
-            f"SPARO read-out, which starts from its initialisation ({sum(k.startswith('sparo.') for k in report.missing)} "
-            f"SPARO tensors)")
-    if not report.loaded:
-        raise UserError(f"no tensor of {os.fspath(path)} matches this model; is it a ViT checkpoint?")
+        fresh = sum(k.startswith("sparo.") for k in report.missing)
+        report.notes.append(f"dropped block(s) {', '.join(map(str, dropped_blocks))} and the final CLS path: "
+                            f"replaced by the SPARO read-out, which starts from its initialisation ({fresh} SPARO "
+                            f"tensors)")
     if verbose:
-        print(f"weights from {os.fspath(path)} (key {checkpoint_key!r}):\n{report}", flush=True)
+        print(f"weights from {where}:\n{report}", flush=True)
     return report
 
 
-def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Writes ``state`` with ``torch.save`` to a temporary file next to ``path``, flushes it to disk and
-    renames it over ``path``, so a crash mid-save leaves the previous checkpoint intact."""
+def load_student_weights(student: nn.Module, path: str | os.PathLike, checkpoint_key: str | None = "teacher",
+                         verbose: bool = True) -> None:
+    """Starts a multi-crop wrapper (``backbone`` + ``head``) from ``path``: the backbone leniently, the DINO head
+    too when its shapes fit (reference-named ``mlp.*`` and ``last_layer.weight_g/_v`` included)."""
+    weights = read_weights(path, checkpoint_key)
+    load_pretrained_weights(student.backbone, weights, verbose=verbose)
+    if not weights.head:
+        return
+    own = student.head.state_dict()
+    if any(key in own and own[key].shape != value.shape for key, value in weights.head.items()):
+        if verbose:
+            print(f"head of {weights.path} not loaded: its shapes differ (another --out_dim or read-out size?)",
+                  flush=True)
+        return
+    report = _load_matching(student.head, weights.head, "head")
+    if verbose:
+        print(f"head from {weights.path}: loaded {len(report.loaded)} tensors", flush=True)
+
+
+def restart_from_checkpoint(path: str | os.PathLike, expected_args: Mapping[str, Any] | None = None,
+                            optional: Collection[str] = (), **objects: Any) -> dict[str, Any] | None:
+    """Restores every object given by keyword (anything with ``load_state_dict``) from the entry of the same
+    name in the checkpoint at ``path``; returns the checkpoint (for its ``epoch``, ``args``...), or None when
+    there is no file.
+
+    Modules load strictly: resuming into another architecture is a :class:`UserError`, not a silent partial
+    load. With ``expected_args`` (flag name -> value of this run) the error names each flag whose value
+    differs from the checkpoint's saved ``args``. Entries named in ``optional`` may be absent (the object then
+    keeps its fresh state; the caller can tell from the returned checkpoint).
+    """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    if not os.path.isfile(path):
+        return None
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, Mapping):
+        raise UserError(f"{path} is not a training checkpoint (found {type(checkpoint).__name__})")
+    saved_args = checkpoint.get("args")
+    if expected_args and isinstance(saved_args, Mapping):
+        differences = [f"--{name} {saved_args[name]} (this run: {value})" for name, value in expected_args.items()
+                       if name in saved_args and _normalised(saved_args[name]) != _normalised(value)]
+        if differences:
+            raise UserError(f"{path} was written by a run with other architecture flags: {'; '.join(differences)}. "
+                            f"Pass the same flags to resume it, or use another --output_dir to start afresh")
+    restore_state(checkpoint, path, optional, **objects)
+    return dict(checkpoint)
+
+
+def restore_state(checkpoint: Mapping[str, Any], path: str, optional: Collection[str] = (), **objects: Any) -> None:
+    """Loads each object given by keyword from the entry of the same name of an already read ``checkpoint``
+    (modules strictly, ``module.``/``_orig_mod.`` prefixes removed); see :func:`restart_from_checkpoint`."""
+    for name, obj in objects.items():
+        if obj is None:
+            continue
+        if checkpoint.get(name) is None:
+            if name in optional:
+                continue
+            raise UserError(f"{path} has no {name!r} entry to resume from")
+        try:
+            if isinstance(obj, nn.Module):
+                obj.load_state_dict(strip_prefixes(checkpoint[name], keep_wrapper=True), strict=True)
+            else:
+                obj.load_state_dict(checkpoint[name])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"cannot restore {name} from {path}: {first_line} (was it written with other "
+                            f"flags? use another --output_dir to start afresh)") from None
+
+
+def _normalised(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _temporary_path(path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+
+
+def _replace_atomically(path: str | os.PathLike, write: Any, binary: bool) -> None:
+    path = os.fspath(path)
+    temporary = _temporary_path(path)
     try:
-        with open(temporary, "wb") as handle:
-            torch.save(dict(state), handle)
+        with open(temporary, "wb" if binary else "w") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to a temporary file next to ``path``, fsynced, then renamed over ``path``."""
+    _replace_atomically(path, lambda handle: torch.save(obj, handle), binary=True)
+
+
+def write_json_atomic(payload: Any, path: str | os.PathLike) -> None:
+    """``payload`` as indented JSON, written like :func:`save_atomic`."""
+    _replace_atomically(path, lambda handle: handle.write(json.dumps(payload, indent=1) + "\n"), binary=False)
 
 
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
@@ -175,7 +293,7 @@ def _process_exists(pid: int) -> bool:
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
-    """Deletes the temporary files of :func:`save_checkpoint` that a process killed mid-save left behind (their
+    """Deletes the temporary files of :func:`save_atomic` that a process killed mid-write left behind (their
     writer is no longer running); returns their names. Resuming never reads them: they only waste space."""
     removed = []
     for name in sorted(os.listdir(directory)):
@@ -187,57 +305,3 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
             except FileNotFoundError:
                 pass
     return removed
-
-
-def restart_from_checkpoint(path: str | os.PathLike, expected_args: Mapping[str, Any] | None = None,
-                            **objects: Any) -> dict[str, Any] | None:
-    """Restores every object given by keyword (anything with ``load_state_dict``) from the entry of the same
-    name in the checkpoint at ``path``. Returns the checkpoint (for its ``epoch`` and ``args``), or None when
-    there is no file. Model weights load strictly: resuming into a different architecture is a
-    :class:`UserError`, not a silent partial load; with ``expected_args`` (flag name -> value of this run) the
-    error names each flag whose value differs from the checkpoint's saved ``args``."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        return None
-    checkpoint = load_checkpoint_file(path)
-    if not isinstance(checkpoint, Mapping):
-        raise UserError(f"{path} is not a training checkpoint (found {type(checkpoint).__name__})")
-    saved_args = checkpoint.get("args")
-    if expected_args and isinstance(saved_args, Mapping):
-        differences = [f"--{name} {saved_args[name]} (this run: {value})" for name, value in expected_args.items()
-                       if name in saved_args and _normalised(saved_args[name]) != _normalised(value)]
-        if differences:
-            raise UserError(f"{path} was written by a run with other architecture flags: {'; '.join(differences)}. "
-                            f"Pass the same flags to resume it, or use another --output_dir to start afresh")
-    for name, obj in objects.items():
-        if obj is None:
-            continue
-        if name not in checkpoint or checkpoint[name] is None:
-            raise UserError(f"{path} has no {name!r} entry to resume from")
-        try:
-            if isinstance(obj, nn.Module):
-                state = strip_prefixes_keep_wrapper(checkpoint[name])
-                obj.load_state_dict(state, strict=True)
-            else:
-                obj.load_state_dict(checkpoint[name])
-        except (RuntimeError, ValueError, KeyError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"cannot resume {name} from {path}: {first_line} (was it written with other "
-                            f"architecture flags? use another --output_dir to start afresh)") from None
-    return dict(checkpoint)
-
-
-def _normalised(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def strip_prefixes_keep_wrapper(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Removes only DDP's ``module.`` and torch.compile's ``_orig_mod.``, keeping ``backbone.``/``head.``
-    (the multi-crop wrapper's own layout)."""
-    cleaned = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        cleaned[key] = value
-    return cleaned

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dino_sparo.cli import UserError
+from .errors import UserError
 
 
 @dataclass
@@ -53,7 +53,8 @@ def is_main_process() -> bool:
 def _launcher_env(local_rank_flag: int = 0) -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) set by torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or Slurm srun, else None."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", local_rank_flag))
+        local_rank = int(os.environ.get("LOCAL_RANK", local_rank_flag))
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank
     if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         rank = int(os.environ["SLURM_PROCID"])
         return rank, int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_LOCALID", 0))
@@ -80,16 +81,15 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
 
 def init_distributed(requested_device: str = "auto", dist_url: str = "env://",
                      local_rank_flag: int = 0) -> DistributedContext:
-    """Joins the process group the launcher describes (NCCL on GPUs, gloo on CPUs) or, with no launcher
-    variables, returns a single-process context without creating any process group. A set-up that cannot
-    work is a :class:`UserError`."""
+    """Joins the process group the launcher describes (NCCL on GPUs, gloo on CPUs), also for a world of one
+    under torchrun (as the reference does, so the collectives run there too), or, with no launcher variables,
+    returns a single-process context without creating any process group. A set-up that cannot work is a
+    :class:`UserError`."""
     env = _launcher_env(local_rank_flag)
     if env is None:
         return DistributedContext(device=resolve_device(requested_device))
     rank, world_size, local_rank = env
     device = resolve_device(requested_device, local_rank)
-    if world_size == 1:
-        return DistributedContext(rank, world_size, local_rank, device)
     if "SLURM_PROCID" in os.environ and "MASTER_ADDR" not in os.environ and dist_url == "env://":
         raise UserError("running under Slurm without MASTER_ADDR/MASTER_PORT: launch with srun + torchrun or "
                         "run_with_submitit.py, or pass --dist_url tcp://HOST:PORT")

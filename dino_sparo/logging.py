@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dino_sparo.distributed import is_dist_initialized
+from .distributed import is_dist_initialized
 
 
 class SmoothedValue:
@@ -88,7 +88,8 @@ class MetricLogger:
         eta = str(datetime.timedelta(seconds=int(remaining)))
         width = len(str(self.num_iters))
         parts = [f"{self.header} [{iteration + 1:>{width}}/{self.num_iters}]", f"eta: {eta}"]
-        parts += [f"{name}: {_format(meter.median)} ({_format(meter.global_avg)})" for name, meter in self.meters.items()]
+        parts += [f"{name}: {_format(meter.median)} ({_format(meter.global_avg)})"
+                  for name, meter in self.meters.items()]
         parts += [f"img/s: {images_per_s:.1f}", f"time: {iter_time:.3f}", f"data: {data_time:.3f}"]
         if max_mem_mb is not None:
             parts.append(f"max mem: {max_mem_mb:.0f}MB")
@@ -103,6 +104,12 @@ def max_memory_mb(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return None
+
+
+def append_json_line(path: str, record: Mapping[str, Any]) -> None:
+    """One JSON line appended to ``path`` (the reference's ``log.txt`` format: one line per epoch)."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(dict(record)) + "\n")
 
 
 class TrainingLog:
@@ -126,8 +133,7 @@ class TrainingLog:
     def epoch(self, stats: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(os.path.join(self.output_dir, "log.txt"), "a") as handle:
-            handle.write(json.dumps(dict(stats)) + "\n")
+        append_json_line(os.path.join(self.output_dir, "log.txt"), stats)
         if self.writer is not None:
             self.writer.flush()
 

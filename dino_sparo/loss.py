@@ -1,4 +1,4 @@
-"""DINO's self-distillation loss with a centred, sharpened teacher (design.md §3)."""
+"""DINO's self-distillation loss with a centred, sharpened teacher (Caron et al., ICCV 2021)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dino_sparo.distributed import is_dist_initialized
+from .distributed import is_dist_initialized
 
 
 def teacher_temperature_schedule(warmup_teacher_temp: float, teacher_temp: float, warmup_teacher_temp_epochs: int,
@@ -74,7 +74,8 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_output: torch.Tensor) -> None:
         """EMA of the teacher's batch mean, averaged over ranks when a process group exists."""
         batch_sum = teacher_output.detach().float().sum(dim=0, keepdim=True)
-        count = torch.tensor(float(teacher_output.shape[0]), device=batch_sum.device)
+        # new_full fills on the device: no host-to-device copy, hence no synchronisation in the step.
+        count = batch_sum.new_full((), float(teacher_output.shape[0]))
         if is_dist_initialized():
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
@@ -95,8 +96,12 @@ def training_signals(loss_fn: DINOLoss, student_output: torch.Tensor, teacher_ou
     teacher_choice = teacher.argmax(dim=-1)  # (2, B)
     student_choice = student_output.detach().view(loss_fn.ncrops, -1, loss_fn.out_dim).argmax(dim=-1)
     matches = teacher_choice[:, None] == student_choice[None]  # (2, ncrops, B)
-    pair_mask = ~torch.eye(2, loss_fn.ncrops, dtype=torch.bool, device=matches.device)
-    agreement = matches[pair_mask].float().mean()
-    counts = torch.bincount(teacher_choice.flatten(), minlength=loss_fn.out_dim)
-    mode_share = counts.max().float() / teacher_choice.numel()
+    # Dense masks and scatter_add instead of boolean indexing and bincount: on CUDA those two read a size back
+    # to the host, which would stall the step.
+    pair_mask = 1.0 - torch.eye(2, loss_fn.ncrops, device=matches.device)
+    agreement = (matches.float() * pair_mask[..., None]).sum() / (pair_mask.sum() * matches.shape[-1])
+    choices = teacher_choice.flatten()
+    ones = torch.ones(choices.shape, device=choices.device)
+    counts = ones.new_zeros(loss_fn.out_dim).scatter_add_(0, choices, ones)
+    mode_share = counts.max() / choices.numel()
     return {"teacher_entropy": entropy, "agreement": agreement, "teacher_mode_share": mode_share}

@@ -14,19 +14,6 @@ from typing import Any
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
-# Exit status of a run that stopped on a preemption signal after saving its state (1: failed, 2: bad input).
-EXIT_PREEMPTED = 3
-
-
-class Preempted(Exception):
-    """Training stopped on a preemption signal after writing its checkpoint; the same command resumes it."""
-
-    def __init__(self, signum: int | None, epoch: int, iteration: int, checkpoint_path: str) -> None:
-        self.signum, self.epoch, self.iteration, self.checkpoint_path = signum, epoch, iteration, checkpoint_path
-        cause = f"by {signal.Signals(signum).name}" if signum else "(another process of the job got the signal)"
-        super().__init__(f"preempted {cause} at epoch {epoch}, iteration {iteration}: the state was saved to "
-                         f"{checkpoint_path}; run the same command again to resume from there")
-
 
 class PreemptionGuard:
     """Context manager that catches :data:`PREEMPTION_SIGNALS` while training and restores the previous
@@ -58,3 +45,11 @@ class PreemptionGuard:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+
+def ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore :data:`PREEMPTION_SIGNALS`. torchrun and Slurm signal the
+    whole process group, workers included; a worker that died of it would fail the training process's next
+    batch before it could save its state. The training process ends its workers itself when it stops."""
+    for signum in PREEMPTION_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)

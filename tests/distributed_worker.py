@@ -4,12 +4,10 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from dino_sparo.distributed import destroy_distributed, get_rank, get_world_size  # noqa: E402
-from dino_sparo.loss import DINOLoss  # noqa: E402
-from dino_sparo.train import parse_args, train_dino  # noqa: E402
+from dino_sparo.distributed import destroy_distributed, get_rank, get_world_size
+from dino_sparo.loss import DINOLoss
+from dino_sparo.train import train_dino
+from main_dino import parse_args
 
 
 def main() -> None:

@@ -7,10 +7,12 @@ from PIL import Image
 
 from benchmarks.reference_step import ReferenceStep, reference_dino_loss
 from benchmarks.run import main
-from dino_sparo.cli import UserError
+from dino_sparo.errors import UserError
 from dino_sparo.loss import DINOLoss
 from dino_sparo.optim import build_optimizer, get_params_groups
-from dino_sparo.train import TrainStep, build_models, parse_args
+from dino_sparo.train_setup import build_models
+from dino_sparo.train_step import TrainStep
+from main_dino import parse_args
 
 TINY_MODEL = ["--arch", "vit_tiny", "--depth", "3", "--out_dim", "256", "--global_crop_size", "32",
               "--local_crop_size", "16", "--batch_size", "2", "--local_crops_number", "2"]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dino_sparo.cli import UserError
 from dino_sparo.data import DataAugmentationDINO, ImageDataset, ensure_demo_dataset, scan_image_folder
-from dino_sparo.data.datasets import DEMO_CLASS_LABEL, DEMO_COLOURS, DEMO_SHAPES
+from dino_sparo.data.demo import DEMO_CLASS_LABEL, DEMO_COLOURS, DEMO_SHAPES
+from dino_sparo.errors import UserError
 
 
 def write_images(folder, count, size=20, start=0):

@@ -3,13 +3,13 @@ import sys
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from helpers import ROOT, TINY, free_port, make_images, run, tiny_args
 
-from dino_sparo.distributed import init_distributed, is_dist_initialized
-from dino_sparo.train import parse_args
-from faultkit import run
-from test_train import TINY, make_images
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from dino_sparo.data.datasets import ResumableDistributedSampler
+from dino_sparo.distributed import DistributedContext, init_distributed, is_dist_initialized
+from dino_sparo.train_setup import build_models
+from main_dino import parse_args
 
 
 def test_local_rank_spellings_and_single_process(monkeypatch):
@@ -42,3 +42,74 @@ def test_two_processes_gloo_keep_identical_teachers(tmp_path):
         assert torch.allclose(rank["probe_center"], expected.view(1, -1), atol=1e-6)
     assert "2 process(es)" in completed.stdout and completed.stdout.count("student:") == 1  # rank 0 prints
     assert (out / "checkpoint.pth").is_file()
+
+
+def _steps(rank: int, world_size: int, port: int, crops: list[list[torch.Tensor]], out: str) -> None:
+    """Two training steps of a tiny model on this rank's share of every crop batch; saves the result."""
+    from dino_sparo.loss import DINOLoss
+    from dino_sparo.optim import build_optimizer, get_params_groups
+    from dino_sparo.train_setup import build_models, build_schedules, wrap_for_distributed
+    from dino_sparo.train_step import TrainStep
+
+    if world_size > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    batch = crops[0][0].shape[0] // world_size
+    # SGD and no drop path: the comparison is then exact up to float summation order (AdamW's first step is
+    # sign(gradient), which rounding can flip for gradients near zero).
+    args = tiny_args("unused", "unused", "--optimizer", "sgd", "--drop_path_rate", "0", "--warmup_epochs", "0",
+                     "--freeze_last_layer", "0", "--batch_size_per_gpu", batch, "--precision", "fp32",
+                     "--epochs", "1", "--lr", "0.5")
+    torch.manual_seed(0)
+    context = DistributedContext(rank, world_size, rank, torch.device("cpu"))
+    student, module, teacher = wrap_for_distributed(*build_models(args, context.device), args, context)
+    dino_loss = DINOLoss(args.out_dim, 4, args.warmup_teacher_temp, args.teacher_temp, 0, args.epochs)
+    optimizer = build_optimizer(args.optimizer, get_params_groups(module), context.device)
+    schedules = build_schedules(args, len(crops), world_size)
+    step = TrainStep(args, student, module, teacher, dino_loss, optimizer, None, "fp32", context.device)
+    for iteration, batch_crops in enumerate(crops):
+        schedules.apply(optimizer, iteration)
+        step([crop[rank * batch:(rank + 1) * batch] for crop in batch_crops], 0, float(schedules.momentum[iteration]))
+    if rank == 0:
+        torch.save({"student": module.state_dict(), "teacher": teacher.state_dict(), "center": dino_loss.center,
+                    "lr": schedules.lr[0]}, out)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_of_half_batches_step_like_one_process_of_the_whole_batch(tmp_path):
+    """DDP's gradient averaging, the all-rank centre and the lr scaled by the world size make 2 processes x
+    batch 2 train exactly like 1 process x batch 4."""
+    generator = torch.Generator().manual_seed(1)
+    crops = [[torch.randn(4, 3, size, size, generator=generator) for size in (32, 32, 16, 16)] for _ in range(2)]
+    _steps(0, 1, 0, crops, str(tmp_path / "one.pt"))
+    mp.spawn(_steps, args=(2, free_port(), crops, str(tmp_path / "two.pt")), nprocs=2, join=True)
+    one, two = (torch.load(tmp_path / name, weights_only=False) for name in ("one.pt", "two.pt"))
+    assert one["lr"] == two["lr"] > 0  # 0.5 x 4 / 256 either way
+    initial, _ = build_models(tiny_args("u", "u", "--drop_path_rate", "0"), torch.device("cpu"))
+    moved = [name for name, value in initial.state_dict().items() if not torch.equal(one["student"][name], value)]
+    assert len(moved) > 10  # the steps changed the weights, so equality below is not trivial
+    for part in ("student", "teacher"):
+        for name, value in one[part].items():
+            torch.testing.assert_close(two[part][name], value, atol=2e-6, rtol=1e-4, msg=f"{part} {name}")
+    torch.testing.assert_close(two["center"], one["center"], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resumed_sampler_visits_exactly_what_the_uninterrupted_epoch_had_left(num_workers):
+    """After a stop at iteration k of an epoch, each rank's loader yields exactly the indices an uninterrupted
+    epoch would still have visited, in the same order, also through worker processes."""
+    dataset = torch.utils.data.TensorDataset(torch.arange(103))
+    batch, stopped_at = 4, 5
+    for rank in range(2):
+        sampler = ResumableDistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=7)
+        sampler.set_epoch(3)
+        uninterrupted = list(sampler)
+        sampler.skip = stopped_at * batch
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=num_workers,
+                                             drop_last=True)
+        resumed = [int(index) for (indices,) in loader for index in indices]
+        expected = uninterrupted[stopped_at * batch:]
+        assert resumed == expected[: len(expected) // batch * batch]
+        assert len(loader) == len(expected) // batch

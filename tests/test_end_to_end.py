@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from faultkit import run, script
+from helpers import run, script
 from PIL import Image
 
 

@@ -2,15 +2,18 @@
 import json
 import os
 
+import helpers
 import pytest
 import torch
+import torch.nn.functional as F
+from helpers import ROOT, balanced, make_image_folder, spread, write_main_dino_checkpoint
 
 import eval_knn
-import faultkit
-from dino_sparo.cli import run_cli
+from dino_sparo.data.datasets import ImageDataset
+from dino_sparo.data.transforms import eval_transform
+from dino_sparo.errors import run_cli
 from dino_sparo.eval.knn import knn_classifier
 from dino_sparo.models import vit_tiny
-from evalkit import ROOT, balanced, make_image_folder, spread, write_main_dino_checkpoint
 
 SMALL = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "16"]
 
@@ -87,18 +90,22 @@ def test_student_key_and_official_dino_format(data_and_checkpoint, teacher_run, 
     teacher_features = torch.load(os.path.join(teacher_run[1], "trainfeat.pth"), weights_only=True)
     student_features = torch.load(tmp_path / "student" / "trainfeat.pth", weights_only=True)
     assert not torch.allclose(teacher_features, student_features)  # the student's weights were evaluated
-    assert 0 <= student["knn"]["20"]["top1"] <= 100
+    check_against_dumped_features(student, tmp_path / "student", (20,))
     # An official-style DINO checkpoint: CLS ViT, prefixed keys, no saved args, depth read from the weights.
     model = vit_tiny(patch_size=8, depth=3, readout="cls")
     official = tmp_path / "dino_deitsmall8_pretrain_full_checkpoint.pth"
     torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()},
                 "student": {f"module.backbone.{k}": v for k, v in model.state_dict().items()}}, official)
     capsys.readouterr()
-    results = run_ok(["--pretrained_weights", str(official), "--data_path", data, "--nb_knn", "20", *SMALL])
+    results = run_ok(["--pretrained_weights", str(official), "--data_path", data, "--nb_knn", "20", *SMALL,
+                      "--dump_features", str(tmp_path / "official")])
     out = capsys.readouterr().out
     assert "CLS read-out" in out and "readout=cls" in out and "depth=3" in out  # read from the weights
     assert "arch=vit_tiny" in out and "patch_size=8" in out
-    assert 0 <= results["knn"]["20"]["top1"] <= 100
+    train, _, _, _ = check_against_dumped_features(results, tmp_path / "official", (20,))
+    images = torch.stack([eval_transform(32, 32)(image) for image, _ in ImageDataset(os.path.join(data, "train"))])
+    with torch.no_grad():  # the CLS read-out of the model the checkpoint holds
+        torch.testing.assert_close(train, F.normalize(model.eval()(images), dim=1), atol=1e-5, rtol=1e-4)
     # Asking for SPARO on it would evaluate a random read-out: refused, saying what is missing.
     err = run_error(["--pretrained_weights", str(official), "--data_path", data, "--readout", "sparo", *SMALL], capsys)
     assert "does not hold weights for this architecture" in err and "missing sparo.*" in err
@@ -123,8 +130,8 @@ def test_torchrun_two_processes_match_one_process(data_and_checkpoint, tmp_path)
     data, _, checkpoint = data_and_checkpoint
     argv = ["--pretrained_weights", checkpoint, "--data_path", data, *SMALL, "--per_slot", "--select_slots", "2"]
     single = run_ok([*argv, "--output_dir", str(tmp_path / "one")])
-    completed = faultkit.run(  # own process group, killed as a whole: no orphaned workers
-        [*faultkit.TORCHRUN, "--nproc_per_node", "2", os.path.join(ROOT, "eval_knn.py"), *argv,
+    completed = helpers.run(  # own process group, killed as a whole: no orphaned workers
+        [*helpers.TORCHRUN, "--nproc_per_node", "2", os.path.join(ROOT, "eval_knn.py"), *argv,
          "--output_dir", str(tmp_path / "two")], timeout=240)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "2 process(es)" in completed.stdout

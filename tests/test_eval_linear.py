@@ -5,13 +5,13 @@ import os
 
 import pytest
 import torch
+from helpers import balanced, make_image_folder, spread, write_main_dino_checkpoint
 
 import eval_linear
-from dino_sparo.cli import run_cli
+from dino_sparo.errors import run_cli
 from dino_sparo.eval import linear
 from dino_sparo.eval.linear import LinearClassifier, ProbeFeatures
 from dino_sparo.models import vit_tiny
-from evalkit import balanced, make_image_folder, spread, write_main_dino_checkpoint
 
 SMALL = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "16",
          "--lr", "1.0", "--epochs", "2"]
@@ -40,6 +40,13 @@ def test_probe_features_per_read_out():
     expected = torch.cat([t[:, 0] for t in tokens] + [tokens[-1][:, 1:].mean(dim=1)], dim=1)
     assert probe.feature_dim == 4 * 192
     torch.testing.assert_close(probe(images), expected)
+    # One block + patch mean (DINO's ViT-B setting): laid out as DINO's eval_linear does, CLS and mean
+    # interleaved, cat((cls.unsqueeze(-1), avg.unsqueeze(-1)), -1).reshape(B, -1), so its weights apply.
+    last = tokens[-1]
+    reference = torch.cat((last[:, 0].unsqueeze(-1), last[:, 1:].mean(dim=1).unsqueeze(-1)), dim=-1).reshape(2, -1)
+    one_block = ProbeFeatures(cls_model, n_last_blocks=1, avgpool_patchtokens=True)
+    assert one_block.feature_dim == 2 * 192
+    torch.testing.assert_close(one_block(images), reference)
 
     sparo_model = vit_tiny(patch_size=8, depth=4, readout="sparo", sparo_slots=4, sparo_slot_dim=8).eval()
     encoding = sparo_model(images)

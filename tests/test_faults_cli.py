@@ -8,15 +8,13 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT, TINY, balanced, make_image_folder, run, script, write_main_dino_checkpoint
 
 import eval_knn
 import eval_linear
 import main_dino
 import visualize_sparo
-from dino_sparo.cli import run_cli
-from evalkit import balanced, make_image_folder, write_main_dino_checkpoint
-from faultkit import ROOT, run, script
-from test_train import TINY
+from dino_sparo.errors import run_cli
 
 EVAL_SMALL = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "8"]
 
@@ -158,7 +156,7 @@ def test_eval_linear_bad_command_lines(files, argv, message, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--output_dir", "{root}/a_file/viz"], "cannot be written"),
     (["--pretrained_weights", "{root}/malicious.pth"], "refusing to load"),
-    (["--slots", "7"], "slot index 7 out of range"),
+    (["--slots", "7"], "--slots 7 out of range"),
     (["--images", "{root}/all_bad"], "could be read"),
 ])
 def test_visualize_bad_command_lines(files, argv, message, capsys):

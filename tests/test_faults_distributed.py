@@ -5,26 +5,25 @@ the test and kills the process group), so a regression fails instead of hanging.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import ROOT, TINY, TORCHRUN, environment, free_port, kill_group, make_images, read, run
 
-from faultkit import ROOT, TORCHRUN, children, environment, free_port, kill_group, read, run, started, wait_until
-from test_train import TINY, make_images
-
-WORKER = os.path.join(ROOT, "tests", "fault_worker.py")
+MAIN = os.path.join(ROOT, "main_dino.py")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault_at", ["setup", "step"])
-def test_one_rank_failing_under_torchrun_ends_the_job(tmp_path, fault_at):
+@pytest.mark.parametrize("fault", ["raise:setup", "raise:step=2"])
+def test_one_rank_failing_under_torchrun_ends_the_job(tmp_path, fault):
+    """Rank 1 fails while building the models (before DistributedDataParallel's first collective) or in its
+    second step (while rank 0 is inside collectives)."""
     data = make_images(tmp_path / "data", count=16)
-    completed = run([*TORCHRUN, "--nproc_per_node", "2", WORKER, *TINY, "--data_path", data,
+    completed = run([*TORCHRUN, "--nproc_per_node", "2", MAIN, *TINY, "--data_path", data,
                      "--output_dir", tmp_path / "out", "--epochs", "2"],
-                    timeout=180, env=environment(FAULT_RANK="1", FAULT_AT=fault_at))
+                    timeout=180, env=environment(fault=fault, fault_rank=1))
     assert completed.returncode != 0
     assert "injected fault" in completed.stderr
 
@@ -39,10 +38,10 @@ def test_one_rank_failing_without_a_launcher_ends_the_other(tmp_path):
     try:
         for rank in range(2):
             logs.append(open(tmp_path / f"rank{rank}.err", "w"))
-            env = environment(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=port, FAULT_RANK="1", FAULT_AT="step")
+            env = environment(fault="raise:step=2", fault_rank=1, RANK=str(rank), LOCAL_RANK=str(rank),
+                              WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
             processes.append(subprocess.Popen(
-                [sys.executable, WORKER, *TINY, "--data_path", data, "--output_dir", str(tmp_path / "out"),
+                [sys.executable, MAIN, *TINY, "--data_path", data, "--output_dir", str(tmp_path / "out"),
                  "--epochs", "2"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                 stderr=logs[-1], start_new_session=True))
         codes = [process.wait(timeout=180) for process in processes]
@@ -58,24 +57,20 @@ def test_one_rank_failing_without_a_launcher_ends_the_other(tmp_path):
 @pytest.mark.slow
 def test_sigusr1_to_one_rank_stops_both_at_the_same_iteration_and_torchrun_resumes(tmp_path):
     data = make_images(tmp_path / "data", count=64)
-    out, log = tmp_path / "out", str(tmp_path / "run.log")
-    command = [*TORCHRUN, "--nproc_per_node", "2", os.path.join(ROOT, "main_dino.py"), *TINY, "--data_path", data,
+    out = tmp_path / "out"
+    command = [*TORCHRUN, "--nproc_per_node", "2", MAIN, *TINY, "--data_path", data,
                "--output_dir", out, "--epochs", "2", "--log_freq", "2", "--saveckp_freq", "0"]
-    with started(command, log_path=log) as agent:
-        wait_until(lambda: "Epoch: [0/2] [2/8]" in read(log), 180, agent)
-        workers = children(agent.pid)
-        assert len(workers) == 2
-        os.kill(workers[1], signal.SIGUSR1)  # one rank only: the other learns it at the next logging interval
-        agent.wait(timeout=120)
-    text = read(log)
-    assert agent.returncode != 0
-    assert "preempted by SIGUSR1 at epoch 0" in text
-    assert "preempted (another process of the job got the signal) at epoch 0" in text
+    # Only rank 1 gets the signal, during its 3rd step (iteration 2); rank 0 learns it at the next logging
+    # interval, the end of iteration 3, where both stop.
+    stopped = run(command, timeout=180, env=environment(fault="signal:SIGUSR1:step=3", fault_rank=1))
+    text = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0
+    assert "preempted by SIGUSR1 at epoch 0, iteration 4" in text
+    assert "preempted (another process of the job got the signal) at epoch 0, iteration 4" in text
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert checkpoint["epoch"] == 0 and checkpoint["iteration"] in (2, 4, 6)  # a logging interval, where the ranks agree
-    assert f"iteration {checkpoint['iteration']}:" in text
+    assert checkpoint["epoch"] == 0 and checkpoint["iteration"] == 4
 
     completed = run(command, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert f"at epoch 0, iteration {checkpoint['iteration']} of 8" in completed.stdout
+    assert "at epoch 0, iteration 4 of 8" in completed.stdout
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 2

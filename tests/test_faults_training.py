@@ -9,12 +9,10 @@ import signal
 
 import pytest
 import torch
+from helpers import TINY, environment, kill_tree, make_images, run, script, tiny_args, wait_until
 
-from dino_sparo.preemption import EXIT_PREEMPTED
+from dino_sparo.errors import EXIT_PREEMPTED
 from dino_sparo.train import train_dino
-import run_with_submitit
-from faultkit import ROOT, kill_tree, read, run, script, started, wait_until
-from test_train import TINY, make_images, tiny_args
 
 
 def temporaries(out) -> list[str]:
@@ -34,62 +32,55 @@ def assert_every_checkpoint_loads(out) -> list[dict]:
 @pytest.mark.slow
 def test_kill_9_during_a_checkpoint_write_and_mid_epoch_then_the_same_command_finishes(tmp_path):
     data = make_images(tmp_path / "data", count=16)
-    out, log = tmp_path / "out", str(tmp_path / "run.log")
-    # A wide head makes each save take long enough to be caught half-written.
+    out = tmp_path / "out"
     command = [*script("main_dino.py"), *TINY, "--data_path", data, "--output_dir", out, "--epochs", "3",
-               "--out_dim", "65536", "--log_freq", "1", "--saveckp_freq", "0"]
+               "--log_freq", "1", "--saveckp_freq", "0"]
 
-    with started(command, log_path=log) as process:  # killed while the first checkpoint is being written
-        wait_until(lambda: temporaries(out), 180, process, interval=0.001)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    leftovers = temporaries(out)
-    checkpoints = assert_every_checkpoint_loads(out)
-    assert leftovers or checkpoints  # either the kill landed mid-write or just after the rename
+    # killed halfway through writing the first checkpoint (end of epoch 0): the temporary file is left half
+    # written and no checkpoint.pth exists yet
+    killed = run(command, timeout=180, env=environment(fault="kill:save=1"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert len(temporaries(out)) == 1 and assert_every_checkpoint_loads(out) == []
 
-    with started(command, log_path=log) as process:  # killed in the middle of the second epoch
-        wait_until(lambda: "Epoch: [1/3] [1/4]" in read(log), 180, process)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+    # the rerun starts afresh, removes the orphan, and is killed at the start of its 6th step (epoch 1,
+    # iteration 1): checkpoint.pth is the complete one of epoch 0
+    killed = run(command, timeout=180, env=environment(fault="kill:step=6"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert "partial checkpoint file(s) left by an interrupted save" in killed.stdout
     assert [c["epoch"] for c in assert_every_checkpoint_loads(out)] == [1]
-    if leftovers:
-        assert "partial checkpoint file(s) left by an interrupted save" in read(log)
+    assert temporaries(out) == []
 
     completed = run(command, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "resumed from" in completed.stdout and "at epoch 1" in completed.stdout
     assert [c["epoch"] for c in assert_every_checkpoint_loads(out)] == [3]
-    assert temporaries(out) == []
     epochs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
-    assert epochs[-2:] == [1, 2]
+    assert epochs == [0, 1, 2]
 
 
 @pytest.mark.slow
 def test_sigterm_saves_the_current_iteration_and_the_rerun_resumes_there(tmp_path):
     data = make_images(tmp_path / "data", count=32)
-    out, log = tmp_path / "out", str(tmp_path / "run.log")
+    out = tmp_path / "out"
     command = [*script("main_dino.py"), *TINY, "--data_path", data, "--output_dir", out, "--epochs", "2",
-               "--log_freq", "1", "--saveckp_freq", "0"]
-    with started(command, log_path=log) as process:
-        wait_until(lambda: "Epoch: [0/2] [2/8]" in read(log), 180, process)
-        process.send_signal(signal.SIGTERM)  # to the training process only, as Slurm or torchrun would
-        process.wait(timeout=120)
-    text = read(log)
-    assert process.returncode == EXIT_PREEMPTED, text[-3000:]
+               "--log_freq", "1", "--saveckp_freq", "0", "--num_workers", "2"]
+    # SIGTERM arrives during the 3rd step (iteration 2), to the whole process group as torchrun sends it, so
+    # the DataLoader workers get it too: that step completes, then the run stops and saves.
+    stopped = run(command, timeout=180, env=environment(fault="group:SIGTERM:step=3"))
+    text = stopped.stdout + stopped.stderr
+    assert stopped.returncode == EXIT_PREEMPTED, text[-3000:]
     assert "Traceback" not in text
-    stopped = [line for line in text.splitlines() if line.startswith("stopped: ")]
-    assert len(stopped) == 1 and "preempted by SIGTERM at epoch 0, iteration" in stopped[0]
-    assert "run the same command again to resume" in stopped[0]
+    lines = [line for line in stopped.stderr.splitlines() if line.startswith("stopped: ")]
+    assert lines == [f"stopped: preempted by SIGTERM at epoch 0, iteration 3: the state was saved to "
+                     f"{out / 'checkpoint.pth'}; run the same command again to resume from there"]
     (checkpoint,) = assert_every_checkpoint_loads(out)
-    assert checkpoint["epoch"] == 0 and 2 <= checkpoint["iteration"] < 8
-    assert f"iteration {checkpoint['iteration']}" in stopped[0]
+    assert checkpoint["epoch"] == 0 and checkpoint["iteration"] == 3
     assert not (out / "log.txt").exists() or (out / "log.txt").read_text() == ""  # no epoch finished
 
     completed = run(command, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert f"at epoch 0, iteration {checkpoint['iteration']} of 8 (a preempted epoch)" in completed.stdout
-    first_line = f"Epoch: [0/2] [{checkpoint['iteration'] + 1}/8]"
-    assert first_line in completed.stdout  # picks up at the next iteration, not at the start of the epoch
+    assert "at epoch 0, iteration 3 of 8 (a preempted epoch)" in completed.stdout
+    assert "Epoch: [0/2] [4/8]" in completed.stdout and "Epoch: [0/2] [3/8]" not in completed.stdout
     (final,) = assert_every_checkpoint_loads(out)
     assert final["epoch"] == 2 and "iteration" not in final
     epochs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
@@ -130,21 +121,24 @@ def test_corrupt_truncated_empty_and_non_image_files_are_skipped_and_counted(tmp
 
 @pytest.mark.slow
 def test_submitit_requeues_a_preempted_run_which_resumes_mid_epoch(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    pytest.importorskip("submitit")
+    import run_with_submitit
+
+    # The job receives SIGTERM during its 3rd step, once (a requeued job runs clean), as from Slurm.
+    for name, value in environment(fault="signal:SIGTERM:step=3", fault_once=str(tmp_path / "fired")).items():
+        monkeypatch.setenv(name, value)
     data = make_images(tmp_path / "data", count=32)
     shared = tmp_path / "shared"
     job = run_with_submitit.main([*TINY, "--data_path", data, "--epochs", "1", "--log_freq", "1", "--saveckp_freq",
                                   "0", "--cluster", "local", "--ngpus", "0", "--nodes", "1", "--timeout", "10",
                                   "--cpus_per_task", "1", "--shared_dir", str(shared)])
     try:
-        wait_until(lambda: "Epoch: [0/1] [2/8]" in (job.stdout() or ""), 180, interval=0.2)
-        job._process.send_signal(signal.SIGTERM)  # the local controller forwards it to the task, as Slurm would
         wait_until(job.done, 300, interval=0.5)
         job.result()  # raises if the requeued job failed
     finally:
         kill_tree(job._process.pid)
     stdout = job.stdout()
-    assert "preempted by SIGTERM at epoch 0, iteration" in stdout and "requeuing" in stdout
-    assert "(a preempted epoch)" in stdout  # the requeued task resumed inside epoch 0
+    assert "preempted by SIGTERM at epoch 0, iteration 3" in stdout and "requeuing" in stdout
+    assert "at epoch 0, iteration 3 of 8 (a preempted epoch)" in stdout  # the requeued task resumed there
     checkpoint = torch.load(shared / str(job.job_id) / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 1 and "iteration" not in checkpoint

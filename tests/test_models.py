@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from dino_sparo.checkpoint import load_pretrained_weights
-from dino_sparo.cli import UserError
+from dino_sparo.errors import UserError
 from dino_sparo.models import SPARO, DINOHead, MultiCropWrapper, build_backbone, vit_small, vit_tiny
 
 
 def reference_sparo(sparo: SPARO, tokens: torch.Tensor):
-    """Independent per-slot loop of design.md §2."""
+    """Independent per-slot loop of the SPARO maths (Vani et al., 2024): keys, softmax over tokens, pooling, W."""
     L, H = sparo.num_slots, sparo.attn_dim
     outputs, maps = [], []
     for slot in range(L):
@@ -154,7 +154,7 @@ def test_state_dict_round_trip(tmp_path):
 
 
 def test_dino_format_checkpoint_loads_with_report(tmp_path, capsys):
-    dino_backbone = build_backbone("vit_tiny", depth=4, readout="cls")
+    dino_backbone = build_backbone(arch="vit_tiny", depth=4, readout="cls")
     old_head = torch.nn.Linear(256, 32, bias=False)
     with pytest.warns(FutureWarning):  # the deprecated API is what wrote reference checkpoints
         old_head = torch.nn.utils.weight_norm(old_head)
@@ -164,7 +164,7 @@ def test_dino_format_checkpoint_loads_with_report(tmp_path, capsys):
     student = {f"module.{k}": v for k, v in teacher.items()}
     torch.save({"teacher": teacher, "student": student, "epoch": 3}, tmp_path / "dino.pth")
 
-    model = build_backbone("vit_tiny", depth=4, readout="sparo", sparo_slots=4, sparo_slot_dim=8)
+    model = build_backbone(arch="vit_tiny", depth=4, readout="sparo", sparo_slots=4, sparo_slot_dim=8)
     sparo_before = model.sparo.key_proj.weight.clone()
     report = load_pretrained_weights(model, tmp_path / "dino.pth", "teacher")
     printed = capsys.readouterr().out
@@ -176,13 +176,13 @@ def test_dino_format_checkpoint_loads_with_report(tmp_path, capsys):
     assert torch.equal(model.sparo.key_proj.weight, sparo_before)
     assert "dropped block(s) 3" in printed and "SPARO" in printed and "head" in printed
 
-    student_model = build_backbone("vit_tiny", depth=4, readout="cls")
+    student_model = build_backbone(arch="vit_tiny", depth=4, readout="cls")
     load_pretrained_weights(student_model, tmp_path / "dino.pth", "student", verbose=False)
     torch.testing.assert_close(student_model.norm.weight, dino_backbone.norm.weight)
 
     with pytest.raises(UserError, match="has no key 'ema'.*student, teacher"):
         load_pretrained_weights(model, tmp_path / "dino.pth", "ema")
-    wrong = build_backbone("vit_small", depth=4, readout="cls")
+    wrong = build_backbone(arch="vit_small", depth=4, readout="cls")
     with pytest.raises(UserError, match="does not match"):
         load_pretrained_weights(wrong, tmp_path / "dino.pth", "teacher")
 
@@ -234,3 +234,54 @@ def test_gradients_reach_sparo_parameters():
     for name in ("queries", "key_proj.weight", "key_proj.bias", "out_proj.weight"):
         grad = model.sparo.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_cls_token_starts_as_dino_does():
+    """DINO initialises the CLS token with trunc_normal std 0.02 (timm uses 1e-6, which matters for --readout cls
+    from scratch)."""
+    torch.manual_seed(0)
+    std = torch.stack([vit_tiny(depth=1, readout="cls").cls_token.std() for _ in range(8)]).mean()
+    assert 0.017 < std < 0.023
+
+
+def test_deit_arch_aliases_and_unsupported_archs():
+    from main_dino import parse_args
+
+    assert parse_args(["--arch", "deit_small"]).arch == "vit_small"
+    assert parse_args(["--arch", "deit_tiny"]).arch == "vit_tiny"
+    assert build_backbone(arch="deit_tiny", depth=2).embed_dim == 192
+    with pytest.raises(SystemExit):
+        parse_args(["--arch", "xcit_small_12_p16"])
+
+
+def test_reference_named_head_loads_through_init_from_and_computes_dinos_head(tmp_path):
+    """A checkpoint as facebookresearch/dino writes it (``module.`` prefixes, ``head.mlp.*``,
+    ``head.last_layer.weight_g/_v`` of the deprecated weight_norm) starts the student's backbone and head, and
+    the head then computes DINO's: MLP with GELU, L2 normalisation, a linear layer of weight g * v / ||v||."""
+    from dino_sparo.checkpoint import load_student_weights
+
+    backbone = build_backbone(arch="vit_tiny", depth=2, readout="cls")
+    generator = torch.Generator().manual_seed(3)
+    mlp = {"mlp.0.weight": torch.randn(32, 192, generator=generator) * 0.05, "mlp.0.bias": torch.randn(32) * 0.1,
+           "mlp.2.weight": torch.randn(32, 32, generator=generator) * 0.1, "mlp.2.bias": torch.randn(32) * 0.1,
+           "mlp.4.weight": torch.randn(16, 32, generator=generator) * 0.1, "mlp.4.bias": torch.randn(16) * 0.1}
+    weight_v = torch.randn(64, 16, generator=generator)
+    weight_g = torch.rand(64, 1, generator=generator) + 0.5
+    head_state = {**mlp, "last_layer.weight_v": weight_v, "last_layer.weight_g": weight_g}
+    student_state = {f"module.backbone.{k}": v for k, v in backbone.state_dict().items()}
+    student_state |= {f"module.head.{k}": v for k, v in head_state.items()}
+    torch.save({"student": student_state, "epoch": 100}, tmp_path / "dino_reference.pth")
+
+    student = MultiCropWrapper(build_backbone(arch="vit_tiny", depth=2, readout="cls"),
+                               DINOHead(192, 64, norm_last_layer=False, hidden_dim=32, bottleneck_dim=16))
+    load_student_weights(student, tmp_path / "dino_reference.pth", "student", verbose=False)
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(student.backbone.state_dict()[name], value), name
+
+    features = torch.randn(5, 192, generator=generator)
+    hidden = F.gelu(features @ mlp["mlp.0.weight"].T + mlp["mlp.0.bias"])
+    hidden = F.gelu(hidden @ mlp["mlp.2.weight"].T + mlp["mlp.2.bias"])
+    bottleneck = hidden @ mlp["mlp.4.weight"].T + mlp["mlp.4.bias"]
+    bottleneck = bottleneck / bottleneck.norm(dim=1, keepdim=True)
+    prototypes = weight_g * weight_v / weight_v.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(student.head(features), bottleneck @ prototypes.T, atol=1e-5, rtol=1e-5)

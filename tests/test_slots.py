@@ -1,17 +1,19 @@
 """SPARO slots: restriction, per-slot k-NN, and selection that uses the training set only."""
+import argparse
 import json
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import balanced, make_image_folder, spread, write_main_dino_checkpoint
 
 import eval_knn
-from dino_sparo.cli import UserError, run_cli
+from dino_sparo.cli import slot_list
+from dino_sparo.errors import UserError, run_cli
 from dino_sparo.eval.knn import knn_classifier
-from dino_sparo.eval.slots import holdout_mask, parse_slots, per_slot_knn, restrict_to_slots, select_slots
+from dino_sparo.eval.slots import check_slots, holdout_mask, per_slot_knn, restrict_to_slots, select_slots
 from dino_sparo.models import vit_tiny
-from evalkit import balanced, make_image_folder, spread, write_main_dino_checkpoint
 
 SMALL = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "32"]
 
@@ -39,13 +41,17 @@ def test_restrict_to_slots_is_the_renormalised_concatenation():
     torch.testing.assert_close(restricted, expected / expected.norm(dim=1, keepdim=True))
 
 
-def test_parse_slots_errors_are_one_line():
-    assert parse_slots("3, 1,4", 6) == [3, 1, 4]
-    for text, message in (("3,6", "out of range: this model has 6 slots"), ("-1", "out of range"),
-                          ("a,b", "comma-separated integers"), ("1,1", "more than once"), (",", "empty")):
-        with pytest.raises(UserError, match=message) as error:
-            parse_slots(text, 6)
+def test_slot_parsing_and_range_errors_are_one_line():
+    assert slot_list("3, 1,4") == [3, 1, 4]
+    for text, message in (("-1", "indices >= 0"), ("a,b", "comma-separated slot indices"), ("1,1", "more than once"),
+                          (",", "at least one")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message) as error:
+            slot_list(text)
         assert "\n" not in str(error.value)
+    assert check_slots([3, 5], 6) == [3, 5]
+    with pytest.raises(UserError, match="--slots 6, 9 out of range: this model has 6 slots") as error:
+        check_slots([3, 6, 9], 6)
+    assert "\n" not in str(error.value)
 
 
 def test_per_slot_knn_matches_knn_on_each_slice_and_is_sorted():
@@ -150,3 +156,12 @@ def test_slot_flags_errors(dumped, tmp_path, capsys):
     torch.save(vit_tiny(patch_size=8, depth=3, readout="cls").state_dict(), cls_checkpoint)
     assert "--per_slot needs a SPARO encoding" in run_error(
         ["--pretrained_weights", str(cls_checkpoint), "--load_features", features, "--per_slot"], capsys)
+
+
+def test_slot_outputs_go_beside_the_checkpoint_without_output_dir(dumped, tmp_path, monkeypatch, capsys):
+    _, checkpoint, features = dumped
+    monkeypatch.chdir(tmp_path)
+    eval_knn.main(["--pretrained_weights", checkpoint, "--load_features", features, "--per_slot", "--nb_knn", "20"])
+    beside = os.path.join(os.path.dirname(checkpoint), "knn_per_slot.json")
+    assert os.listdir(tmp_path) == []  # nothing written where the command happened to run
+    assert os.path.isfile(beside) and f"written {beside}" in capsys.readouterr().out

@@ -1,14 +1,10 @@
-import os
-
 import pytest
-import submitit
 import torch
+from helpers import TINY, kill_tree, make_images, wait_until
 
-import run_with_submitit
-from faultkit import kill_tree, wait_until
-from test_train import TINY, make_images
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The GPU machines have no submitit: skip these there instead of failing the collection.
+submitit = pytest.importorskip("submitit")
+import run_with_submitit  # noqa: E402
 
 
 def test_launcher_flags_and_defaults():
@@ -28,8 +24,7 @@ def test_checkpoint_requeues_the_same_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_executor_trains_on_cpu(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def test_local_executor_trains_on_cpu(tmp_path):
     data = make_images(tmp_path / "data", count=8)
     job = run_with_submitit.main([*TINY, "--data_path", data, "--epochs", "1", "--cluster", "local", "--ngpus", "0",
                                   "--nodes", "1", "--timeout", "10", "--cpus_per_task", "1",

@@ -5,31 +5,22 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
+from helpers import make_images, tiny_args
 
-from dino_sparo.checkpoint import save_checkpoint
-from dino_sparo.cli import UserError
+from dino_sparo.checkpoint import save_atomic
+from dino_sparo.distributed import DistributedContext
+from dino_sparo.errors import NonFiniteLossError, UserError
+from dino_sparo.health import warn_if_collapsed
 from dino_sparo.loss import DINOLoss
-from dino_sparo.optim import cancel_gradients_last_layer, clip_gradients, get_params_groups, update_teacher
-from dino_sparo.train import NonFiniteLossError, _warn_if_collapsed, build_models, parse_args, train_dino
-
-TINY = ["--arch", "vit_tiny", "--depth", "3", "--patch_size", "16", "--sparo_slots", "4", "--sparo_slot_dim", "8",
-        "--out_dim", "256", "--head_hidden_dim", "64", "--head_bottleneck_dim", "32", "--global_crop_size", "32",
-        "--local_crop_size", "16", "--local_crops_number", "2", "--batch_size_per_gpu", "4", "--num_workers", "0",
-        "--warmup_epochs", "1", "--device", "cpu", "--log_freq", "2"]
-
-
-def make_images(folder, count=12, size=40):
-    os.makedirs(folder, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    for index in range(count):
-        pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(os.path.join(folder, f"{index:03d}.png"))
-    return str(folder)
-
-
-def tiny_args(data, out, *extra):
-    return parse_args(TINY + ["--data_path", str(data), "--output_dir", str(out), *map(str, extra)])
+from dino_sparo.optim import (
+    build_optimizer,
+    cancel_gradients_last_layer,
+    clip_gradients,
+    get_params_groups,
+    update_teacher,
+)
+from dino_sparo.train import _resume_or_initialise, train_dino
+from dino_sparo.train_setup import build_models, resolve_precision
 
 
 def test_models_teacher_is_a_separate_copy():
@@ -124,7 +115,7 @@ def test_init_from_official_format_and_resume_precedence(tmp_path, capsys):
         for param in donor.parameters():
             param.normal_()
     official = {"teacher": {f"module.{k}": v for k, v in donor.state_dict().items()}}
-    save_checkpoint(official, tmp_path / "official.pth")
+    save_atomic(official, tmp_path / "official.pth")
     args.init_from = str(tmp_path / "official.pth")
     result = train_dino(args)
     printed = capsys.readouterr().out
@@ -182,11 +173,43 @@ def test_missing_data_is_a_user_error(tmp_path):
 def test_collapse_warning(capsys):
     args = tiny_args("d", "o", "--batch_size_per_gpu", "32")
     healthy = {"epoch": 0, "train_loss": 3.0, "train_teacher_mode_share": 0.2}
-    assert not _warn_if_collapsed(healthy, args, enabled=True)
+    assert not warn_if_collapsed(healthy, args, enabled=True)
     uniform = {"epoch": 3, "train_loss": math.log(256) * 1.005, "train_teacher_mode_share": 0.01}
-    assert _warn_if_collapsed(uniform, args, enabled=True)
+    assert warn_if_collapsed(uniform, args, enabled=True)
     err = capsys.readouterr().err
     assert "collapsed at epoch 3" in err and "ln(out_dim)" in err and "--teacher_temp" in err
     one_hot = {"epoch": 1, "train_loss": 0.5, "train_teacher_mode_share": 0.99}
-    assert _warn_if_collapsed(one_hot, args, enabled=True)
+    assert warn_if_collapsed(one_hot, args, enabled=True)
     assert "one-hot" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_takes_bf16_only_where_gpus_compute_it_natively(monkeypatch, native):
+    """V100s and T4s only emulate bf16 (torch.cuda.is_bf16_supported() is true there): auto must give them
+    fp16 + GradScaler, as the reference, and bf16 to GPUs that compute it natively."""
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    cuda = torch.device("cuda", 0)
+    assert resolve_precision("auto", None, cuda) == ("bf16" if native else "fp16")
+    assert resolve_precision("auto", False, cuda) == "fp32"  # --use_fp16 false
+    assert resolve_precision("bf16", None, cuda) == "bf16"  # asked for explicitly
+
+
+def test_fp16_resume_of_a_run_saved_without_a_scaler_starts_a_fresh_one(tmp_path, capsys):
+    """A checkpoint written by an fp32 or bf16 run (fp16_scaler None) resumed with --precision fp16: the run goes
+    on with a fresh GradScaler instead of stopping at "no 'fp16_scaler' entry"."""
+    data = make_images(tmp_path / "data", count=8)
+    train_dino(tiny_args(data, tmp_path / "out", "--epochs", "1", "--precision", "fp32"))
+    args = tiny_args(data, tmp_path / "out", "--epochs", "2")
+    student, teacher = build_models(args, torch.device("cpu"))
+    optimizer = build_optimizer(args.optimizer, get_params_groups(student), torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu")
+    loss = DINOLoss(args.out_dim, 4, args.warmup_teacher_temp, args.teacher_temp, 0, args.epochs)
+    capsys.readouterr()
+    start = _resume_or_initialise(args, str(tmp_path / "out" / "checkpoint.pth"), 2, student, teacher, optimizer,
+                                  scaler, loss, DistributedContext(), print)
+    assert start == (1, 0)
+    assert "saved without fp16 training: starting a fresh GradScaler" in capsys.readouterr().out
+    assert scaler.state_dict() == torch.amp.GradScaler("cpu").state_dict()

@@ -8,9 +8,9 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 import visualize_sparo
-from dino_sparo.cli import MODEL_DEFAULTS, run_cli
-from dino_sparo.eval.features import IMAGENET_MEAN, IMAGENET_STD
-from dino_sparo.models import vit_tiny
+from dino_sparo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dino_sparo.errors import run_cli
+from dino_sparo.models import MODEL_DEFAULTS, vit_tiny
 from dino_sparo.viz.attention import peakedness
 from dino_sparo.viz.render import GAP, LABEL_HEIGHT, colormap
 
@@ -105,9 +105,10 @@ def test_slot_overlays_show_where_each_slot_attends(files, tmp_path):
 
 def test_grid_size_for_non_square_images_and_top_slots(files, tmp_path):
     out = tmp_path / "viz"
-    visualize_sparo.main(["--pretrained_weights", str(files / "checkpoint.pth"), "--images", str(files / "mixed"),
-                          "--top_slots", "3", "--image_size", "32", "--tile_size", "64", "--output_dir", str(out),
-                          "--device", "cpu"])
+    # --image_path: the flag name of DINO's visualize_attention.py
+    visualize_sparo.main(["--pretrained_weights", str(files / "checkpoint.pth"), "--image_path",
+                          str(files / "mixed"), "--top_slots", "3", "--image_size", "32", "--tile_size", "64",
+                          "--output_dir", str(out), "--device", "cpu"])
     summary = json.loads((out / "summary.json").read_text())
     # Shorter side to 32, aspect kept, then each side cropped down to a multiple of 16.
     assert summary["input_sizes"] == [[32, 48], [48, 32]]
@@ -135,7 +136,7 @@ def test_dino_checkpoint_without_args_draws_heads_only(files, tmp_path, capsys):
 @pytest.mark.parametrize("case, extra, message", [
     ("empty", ["--images", "{root}/empty"], "no images found"),
     ("unreadable", ["--images", "{root}/broken"], "could be read"),
-    ("slot range", ["--images", "{root}/exact", "--slots", "1,4"], "slot index 4 out of range"),
+    ("slot range", ["--images", "{root}/exact", "--slots", "1,4"], "--slots 4 out of range"),
     ("cls model", ["--images", "{root}/exact", "--top_slots", "2", "--pretrained_weights", "{root}/dino.pth"],
      "no SPARO slots"),
     ("sparo flag, no sparo weights", ["--images", "{root}/exact", "--slots", "0", "--readout", "sparo",

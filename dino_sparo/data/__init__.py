@@ -1,5 +1,9 @@
-"""Data: DINO's multi-crop augmentation, image-folder datasets and the built-in demo data."""
-from dino_sparo.data.augment import DataAugmentationDINO
-from dino_sparo.data.datasets import ImageDataset, ensure_demo_dataset, scan_image_folder
+"""Data: image reading, the image-folder dataset, multi-crop augmentation (in workers and on the device), the
+evaluation views and the built-in demo data."""
+from .augment import DataAugmentationDINO, MultiCropUint8
+from .datasets import ImageDataset, labelled_splits, scan_image_folder
+from .demo import ensure_demo_dataset
+from .device_augment import DeviceAugmentation
 
-__all__ = ["DataAugmentationDINO", "ImageDataset", "ensure_demo_dataset", "scan_image_folder"]
+__all__ = ["DataAugmentationDINO", "DeviceAugmentation", "ImageDataset", "MultiCropUint8", "ensure_demo_dataset",
+           "labelled_splits", "scan_image_folder"]

@@ -1,43 +1,28 @@
-"""Image datasets for pretraining and evaluation: class sub-folders or a flat folder, unreadable files
-skipped and counted, and the built-in compositional demo data set."""
+"""The image-folder dataset for training and evaluation (class sub-folders or a flat folder; unreadable files
+skipped and counted), train/val splits sharing one class index, and the samplers and loaders around them."""
 from __future__ import annotations
 
-import csv
 import itertools
-import json
-import math
 import os
-import shutil
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageDraw
-from torch.utils.data import Dataset, DistributedSampler
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from dino_sparo.cli import UserError
-from dino_sparo.imagefiles import SkipUnreadable
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
-
-
-def images_under(directory: str) -> list[str]:
-    """Image files below ``directory``, recursively, in a stable sorted walk order."""
-    found = []
-    for current, subdirs, files in os.walk(directory, followlinks=True):
-        subdirs.sort()
-        found.extend(os.path.join(current, name) for name in sorted(files) if _is_image(name))
-    return found
+from ..distributed import shard_bounds
+from ..errors import UserError
+from .images import READ_ERRORS, images_under, is_image_file, load_rgb
 
 
 def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str], int]:
     """``(samples, classes, ignored)`` of an image folder.
 
-    With sub-folders holding images, each sub-folder is a class (torchvision's ImageFolder layout; images
-    loose at the top are ignored and counted). Without, the images directly in ``root`` form one unlabeled
-    set (label 0, no classes): unlabeled data needs no dummy class folder.
+    With sub-folders holding images, each sub-folder is a class (torchvision's ImageFolder layout: sorted names,
+    images found recursively; images loose at the top are ignored and counted). Without, the images directly
+    in ``root`` form one unlabelled set (label 0, no classes): unlabelled data needs no dummy class folder.
     """
     if not root:
         raise UserError("no data path given (--data_path)")
@@ -46,7 +31,7 @@ def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str], int]
     if not os.path.isdir(root):
         raise UserError(f"data path is not a folder: {root}")
     entries = sorted(os.scandir(root), key=lambda entry: entry.name)
-    loose = [entry.path for entry in entries if entry.is_file() and _is_image(entry.name)]
+    loose = [entry.path for entry in entries if entry.is_file() and is_image_file(entry.name)]
     class_images = {entry.name: images_under(entry.path) for entry in entries
                     if entry.is_dir() and not entry.name.startswith(".")}
     classes = [name for name, images in class_images.items() if images]
@@ -59,36 +44,95 @@ def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str], int]
                     f"in the folder or in class sub-folders)")
 
 
-class ImageDataset(SkipUnreadable, Dataset):
+class ImageDataset(Dataset):
     """Images of :func:`scan_image_folder` through ``transform``, yielding ``(sample, label)`` or, with
-    ``count_skipped``, ``(sample, label, skipped)``.
+    ``count_skipped``, ``(sample, label, skipped)``. ``labelled`` demands class sub-folders.
 
     An unreadable file is reported once per process on stderr and replaced by the next readable one;
     ``skipped`` is how many files were passed over for this item, so a training loop can add it up across
-    DataLoader workers. At least one readable file is checked for when the dataset is built.
+    DataLoader workers. A transform with ``decodes_lazily = True`` receives the image opened but not decoded
+    (so it can pick a reduced JPEG decoding size) and decodes it itself. At least one readable file is checked
+    for when the dataset is built.
     """
 
-    def __init__(self, root: str, transform: Callable[[Image.Image], Any] | None = None,
+    def __init__(self, root: str, transform: Callable[[Image.Image], Any] | None = None, labelled: bool = False,
                  count_skipped: bool = False) -> None:
         self.root = root
         self.samples, self.classes, self.ignored_loose_files = scan_image_folder(root)
+        if labelled and not self.classes:
+            raise UserError(f"{root} has no class sub-folders: a labelled set needs one sub-folder of images per "
+                            f"class")
         self.transform = transform
         self.count_skipped = count_skipped
         self._reported: set[str] = set()
-        self.first_readable = self._find_readable()
+        for index in range(len(self.samples)):
+            if self._read(index, decode_only=True) is not None:
+                break
+        else:
+            raise UserError(f"none of the {len(self.samples)} image files in {root} could be read")
 
     @property
     def targets(self) -> list[int]:
         return [label for _, label in self.samples]
 
+    def relabel(self, classes: Sequence[str]) -> None:
+        """Re-indexes the labels by ``classes`` (another split's list, e.g. train's), so that a class missing
+        here keeps its index there; a class unknown to ``classes`` is a :class:`UserError`."""
+        index = {name: position for position, name in enumerate(classes)}
+        unknown = [name for name in self.classes if name not in index]
+        if unknown:
+            raise UserError(f"{self.root} has classes absent from the training split: {', '.join(unknown[:5])}"
+                            + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+        self.samples = [(path, index[self.classes[label]]) for path, label in self.samples]
+        self.classes = list(classes)
+
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        image, position, skipped = self._load_readable(index)
-        sample = self.transform(image) if self.transform is not None else image
-        label = self.samples[position][1]
-        return (sample, label, skipped) if self.count_skipped else (sample, label)
+        if not 0 <= index < len(self.samples):
+            raise IndexError(f"index {index} out of range for {len(self.samples)} images")
+        for skipped in range(len(self.samples)):
+            position = (index + skipped) % len(self.samples)
+            sample = self._read(position)
+            if sample is not None:
+                label = self.samples[position][1]
+                return (sample, label, skipped) if self.count_skipped else (sample, label)
+        raise RuntimeError(f"no readable image left in {self.root}")  # files went bad after the start
+
+    def _read(self, position: int, decode_only: bool = False) -> Any:
+        """The transformed image at ``position``, or None (reported once) when the file cannot be read."""
+        path = self.samples[position][0]
+        lazy = getattr(self.transform, "decodes_lazily", False) and not decode_only
+        try:
+            if lazy:
+                with open(path, "rb") as handle:
+                    return self.transform(Image.open(handle))
+            image = load_rgb(path)
+        except READ_ERRORS as error:
+            if path not in self._reported:
+                self._reported.add(path)
+                print(f"warning: skipping unreadable image {path} ({type(error).__name__}: {error})",
+                      file=sys.stderr, flush=True)
+            return None
+        return image if decode_only or self.transform is None else self.transform(image)
+
+
+def labelled_splits(data_path: str, train_transform: Callable, val_transform: Callable
+                    ) -> tuple[ImageDataset, ImageDataset]:
+    """``data_path/train`` and ``data_path/val`` (one sub-folder of images per class), val labelled with train's
+    class indices. A class may be missing from val; one unknown to train, or a missing split, is a
+    :class:`UserError`."""
+    if not os.path.isdir(data_path):
+        raise UserError(f"{data_path} is not a directory")
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(data_path, split)):
+            raise UserError(f"{os.path.join(data_path, split)} not found: the data folder must contain train/ and "
+                            f"val/, each with one sub-folder of images per class")
+    train = ImageDataset(os.path.join(data_path, "train"), train_transform, labelled=True)
+    val = ImageDataset(os.path.join(data_path, "val"), val_transform, labelled=True)
+    val.relabel(train.classes)
+    return train, val
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -106,142 +150,13 @@ class ResumableDistributedSampler(DistributedSampler):
         return max(0, super().__len__() - self.skip)
 
 
-# --------------------------------------------------------------------------------------------------------
-# Built-in demo data: procedurally generated compositional images with every attribute recorded.
-
-DEMO_VERSION = 5
-DEMO_SHAPES = ("circle", "square", "triangle", "cross")
-DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (240, 220, 40),
-                "magenta": (210, 60, 200), "cyan": (40, 200, 210), "orange": (250, 140, 30),
-                "white": (245, 245, 245)}
-DEMO_SIZES = {"small": 0.18, "medium": 0.26, "large": 0.34}  # half-extent as a fraction of the image side
-DEMO_BACKGROUNDS = ("plain", "gradient", "noise", "stripes")
-# Class folders are named after the object's colour: with textured, coloured backgrounds a randomly
-# initialised ViT tells object colours apart poorly, and DINO's crops teach it to (see the README demo notes).
-DEMO_CLASS_LABEL = "colour"
+def shard(dataset: Dataset, rank: int, world_size: int) -> Subset:
+    """This rank's contiguous part of ``dataset``: each sample is in exactly one rank's shard, none padded."""
+    start, end = shard_bounds(len(dataset), rank, world_size)
+    return Subset(dataset, range(start, end))
 
 
-def default_cache_dir() -> str:
-    """``$DINO_SPARO_CACHE``, else ``~/.cache/dino_sparo``."""
-    return os.environ.get("DINO_SPARO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dino_sparo")
-
-
-def _background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
-    base = rng.uniform(0, 255, 3)
-    if kind == "plain":
-        return np.broadcast_to(base, (size, size, 3)).copy()
-    if kind == "gradient":
-        other = rng.uniform(0, 255, 3)
-        angle = rng.uniform(0, 2 * math.pi)
-        ys, xs = np.mgrid[0:size, 0:size] / (size - 1)
-        t = (np.cos(angle) * xs + np.sin(angle) * ys)
-        t = (t - t.min()) / (np.ptp(t) + 1e-9)
-        return base * (1 - t[..., None]) + other * t[..., None]
-    if kind == "noise":
-        coarse = rng.normal(0, 40, (size // 8, size // 8, 3))
-        noise = np.kron(coarse, np.ones((8, 8, 1))) + rng.normal(0, 12, (size, size, 3))
-        return base + noise
-    other = rng.uniform(0, 255, 3)  # stripes
-    period = rng.integers(6, 14)
-    angle = rng.uniform(0, math.pi)
-    ys, xs = np.mgrid[0:size, 0:size]
-    phase = ((np.cos(angle) * xs + np.sin(angle) * ys) // (period / 2)) % 2
-    return np.where(phase[..., None] == 0, base, other)
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float,
-                fill: tuple[int, int, int]) -> None:
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        return
-    if shape == "square":
-        corners = [(r, r), (-r, r), (-r, -r), (r, -r)]
-    elif shape == "triangle":
-        corners = [(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-        corners = [(x * 1.25, y * 1.25 + 0.2 * r) for x, y in corners]
-    else:  # cross: a plus sign of arm width 0.6 r
-        w = 0.3 * r
-        corners = [(w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w), (-w, -r), (w, -r), (w, -w),
-                   (r, -w), (r, w), (w, w)]
-    cos, sin = math.cos(angle), math.sin(angle)
-    draw.polygon([(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in corners], fill=fill)
-
-
-def _demo_image(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, dict[str, Any]]:
-    supersample = 4
-    shape = DEMO_SHAPES[rng.integers(len(DEMO_SHAPES))]
-    colour = list(DEMO_COLOURS)[rng.integers(len(DEMO_COLOURS))]
-    size = list(DEMO_SIZES)[rng.integers(len(DEMO_SIZES))]
-    background = DEMO_BACKGROUNDS[rng.integers(len(DEMO_BACKGROUNDS))]
-    half = DEMO_SIZES[size] * image_size
-    cx, cy = (rng.uniform(half + 1, image_size - half - 1) for _ in range(2))
-    angle = rng.uniform(-0.35, 0.35)  # small tilt: a square stays a square, not a diamond
-    pixels = np.clip(_background(rng, background, image_size), 0, 255).astype(np.uint8)
-    big = Image.fromarray(pixels).resize((image_size * supersample,) * 2, Image.NEAREST)
-    _draw_shape(ImageDraw.Draw(big), shape, cx * supersample, cy * supersample, half * supersample, angle,
-                DEMO_COLOURS[colour])
-    image = big.resize((image_size, image_size), Image.BOX)
-    attributes = {"shape": shape, "colour": colour, "size": size, "x": round(cx / image_size, 4),
-                  "y": round(cy / image_size, 4), "rotation": round(angle, 4), "background": background}
-    return image, attributes
-
-
-def _write_demo(root: str, info: dict[str, Any]) -> None:
-    rng = np.random.default_rng(info["seed"])
-    rows = []
-    for split in ("train", "val"):
-        for index in range(info[f"num_{split}"]):
-            image, attributes = _demo_image(rng, info["image_size"])
-            relative = os.path.join(split, attributes[DEMO_CLASS_LABEL], f"{split}_{index:05d}.png")
-            os.makedirs(os.path.dirname(os.path.join(root, relative)), exist_ok=True)
-            image.save(os.path.join(root, relative))
-            rows.append({"split": split, "path": relative, **attributes})
-    with open(os.path.join(root, "attributes.csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(root, "info.json"), "w") as handle:
-        json.dump(info, handle, indent=1)
-
-
-def ensure_demo_dataset(root: str | None = None, num_train: int = 2000, num_val: int = 500, image_size: int = 64,
-                        seed: int = 0, verbose: bool = True) -> str:
-    """Generates the demo set once into ``root`` (default ``<cache>/demo``) and returns ``root``.
-
-    Layout: ``train/<colour>/*.png``, ``val/<colour>/*.png`` (class folders are :data:`DEMO_CLASS_LABEL`, the
-    object's colour, one of :data:`DEMO_COLOURS`), ``attributes.csv`` (split, path, shape, colour, size, x, y, rotation, background of
-    every image) and ``info.json`` (the generation parameters). The same parameters give the same images;
-    different ones regenerate. Written to a temporary folder and renamed, so a crash leaves no half set.
-    """
-    root = os.path.abspath(root or os.path.join(default_cache_dir(), "demo"))
-    info = {"version": DEMO_VERSION, "seed": seed, "num_train": num_train, "num_val": num_val,
-            "image_size": image_size, "class_label": DEMO_CLASS_LABEL}
-    info_path = os.path.join(root, "info.json")
-    if os.path.isfile(info_path):
-        with open(info_path) as handle:
-            if json.load(handle) == info:
-                return root
-    elif os.path.exists(root) and os.listdir(root):
-        raise UserError(f"{root} exists and is not a demo data folder; choose another --demo_data_dir")
-    if verbose:
-        print(f"generating the demo data set ({num_train} train + {num_val} val images, {image_size} px) "
-              f"in {root}", flush=True)
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    temporary = f"{root}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    os.makedirs(temporary)
-    try:
-        _write_demo(temporary, info)
-        if os.path.isfile(info_path):  # an older generation: replace it
-            shutil.rmtree(root)
-        elif os.path.isdir(root):
-            os.rmdir(root)
-        try:
-            os.rename(temporary, root)
-        except OSError:  # another process finished first
-            if not os.path.isfile(info_path):
-                raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return root
+def ordered_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Unshuffled loader that keeps every sample (no drop_last): for feature extraction and validation."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=False)

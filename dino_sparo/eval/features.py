@@ -8,24 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision import transforms
 
-from ..checkpoint import load_checkpoint_file
-from ..cli import UserError
-from .data import ordered_loader
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def eval_transform(resize_size: int = 256, crop_size: int = 224) -> transforms.Compose:
-    """DINO's evaluation view: bicubic Resize(resize_size), CenterCrop(crop_size), ImageNet normalisation."""
-    return transforms.Compose([
-        transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(crop_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+from ..checkpoint import read_checkpoint, save_atomic
+from ..data.datasets import ordered_loader
+from ..errors import UserError
 
 
 @torch.no_grad()
@@ -63,12 +49,10 @@ FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels
 
 def dump_features(directory: str, train_features: torch.Tensor, test_features: torch.Tensor,
                   train_labels: torch.Tensor, test_labels: torch.Tensor) -> None:
-    """Saves the four tensors under DINO's file names (each file written whole, then renamed into place)."""
+    """Saves the four tensors under DINO's file names (each written atomically)."""
     os.makedirs(directory, exist_ok=True)
     for name, tensor in zip(FEATURE_FILES, (train_features, test_features, train_labels, test_labels)):
-        path = os.path.join(directory, name)
-        torch.save(tensor.cpu(), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_atomic(tensor.cpu(), os.path.join(directory, name))
 
 
 def load_features(directory: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,7 +65,7 @@ def load_features(directory: str) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             raise UserError(f"--load_features {directory} lacks {name} (expected {', '.join(FEATURE_FILES)})")
-        tensor = load_checkpoint_file(path)
+        tensor = read_checkpoint(path)
         if not isinstance(tensor, torch.Tensor):
             raise UserError(f"{path} does not hold a tensor")
         tensors.append(tensor)

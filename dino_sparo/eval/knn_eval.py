@@ -1,22 +1,26 @@
-"""The k-NN evaluation run by ``eval_knn.py``: sharded feature extraction, k-NN, per-slot analysis, selection."""
+"""The k-NN evaluation run by ``eval_knn.py`` (and at the end of training): sharded feature extraction, k-NN,
+per-slot analysis and slot selection."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..cli import UserError, ensure_writable_dir
 from .. import distributed
-from .data import labelled_splits, shard
+from ..checkpoint import write_json_atomic
+from ..cli import ensure_writable_dir
+from ..data.datasets import labelled_splits, shard
+from ..data.transforms import eval_transform
 from ..distributed import DistributedContext, shard_bounds
-from .features import dump_features, eval_transform, extract_dataset_features, load_features
+from ..errors import UserError
+from ..models.config import build_pretrained_backbone
+from .features import dump_features, extract_dataset_features, load_features
+from .flags import check_eval_args
 from .knn import sharded_knn
-from .pretrained import check_eval_args, load_frozen_backbone
-from .slots import SlotScore, parse_slots, per_slot_knn, restrict_to_slots, select_slots, slot_layout
+from .slots import SlotScore, check_slots, per_slot_knn, restrict_to_slots, select_slots, slot_layout
 
 
 def evaluate_knn(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,6 +45,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--select_holdout must be a fraction in (0, 1), got {args.select_holdout}")
     # checked now, not after the features are extracted
     if args.per_slot or args.select_slots:
+        if args.output_dir is None:  # beside the evaluated checkpoint, never silently in the working directory
+            args.output_dir = os.path.dirname(os.path.abspath(args.pretrained_weights))
         ensure_writable_dir(args.output_dir)
     if args.dump_features:
         ensure_writable_dir(args.dump_features, "--dump_features")
@@ -48,9 +54,11 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any]:
     log: Callable[..., None] = print if context.is_main else (lambda *a, **k: None)
-    model, config = load_frozen_backbone(args, log=context.is_main)
+    model, config = build_pretrained_backbone(args.pretrained_weights, args.checkpoint_key, args,
+                                              log=print if context.is_main else None)
+    model.to(context.device)
     check_eval_args(args, config)
-    slots = parse_slots(args.slots, slot_layout(config, "--slots")[0]) if args.slots else None
+    slots = check_slots(args.slots, slot_layout(config, "--slots")[0]) if args.slots else None
     if args.per_slot or args.select_slots:
         slot_layout(config, "--per_slot" if args.per_slot else "--select_slots")
 
@@ -89,6 +97,34 @@ def _evaluate(args: argparse.Namespace, context: DistributedContext) -> dict[str
     return results
 
 
+def folder_features(model: torch.nn.Module, data_path: str, resize_size: int, crop_size: int, batch_size: int,
+                    num_workers: int, context: DistributedContext
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """This rank's shards of the L2-normalised features and labels of ``data_path/train`` and ``data_path/val``
+    (DINO's evaluation view), and the number of classes; every rank extracts its own contiguous shard."""
+    transform = eval_transform(resize_size, crop_size)
+    train_set, val_set = labelled_splits(data_path, transform, transform)
+    num_classes = len(train_set.classes)
+    log_main(context, f"data: {len(train_set)} train and {len(val_set)} val images, {num_classes} classes; "
+                      f"{context.world_size} process(es), each extracting its own shard of both")
+
+    def extract(dataset):
+        return extract_dataset_features(model, shard(dataset, context.rank, context.world_size), model.feature_dim,
+                                        batch_size, num_workers, context.device)
+
+    return (*extract(train_set), *extract(val_set), num_classes)
+
+
+def knn_on_folders(model: torch.nn.Module, data_path: str, resize_size: int, crop_size: int, ks: list[int],
+                   temperature: float, batch_size: int, num_workers: int, context: DistributedContext
+                   ) -> dict[int, tuple[float, float]]:
+    """k-NN top-1/top-5 (percent) of ``model``'s features of ``data_path/val`` against ``data_path/train``, as
+    ``eval_knn.py`` computes them; a collective when a process group exists (every rank must call it)."""
+    train_features, train_labels, test_features, test_labels, num_classes = folder_features(
+        model, data_path, resize_size, crop_size, batch_size, num_workers, context)
+    return sharded_knn(train_features, train_labels, test_features, test_labels, ks, temperature, num_classes)
+
+
 def _features(args: argparse.Namespace, context: DistributedContext, model: torch.nn.Module):
     """This rank's shards of train and val features and labels, and the number of classes."""
     if args.load_features:
@@ -98,23 +134,16 @@ def _features(args: argparse.Namespace, context: DistributedContext, model: torc
                           f"{args.load_features}")
         return (*_own_rows(train_features, train_labels, context), *_own_rows(test_features, test_labels, context),
                 num_classes)
-    transform = eval_transform(args.resize_size, args.crop_size)
-    train_set, val_set = labelled_splits(args.data_path, transform, transform)
-    num_classes = len(train_set.classes)
-    log_main(context, f"data: {len(train_set)} train and {len(val_set)} val images, {num_classes} classes; "
-                      f"{context.world_size} process(es), each extracting its own shard of both")
-    extract = lambda dataset: extract_dataset_features(  # noqa: E731
-        model, shard(dataset, context.rank, context.world_size), model.feature_dim, args.batch_size_per_gpu,
-        args.num_workers, context.device)
-    train_features, train_labels = extract(train_set)
-    test_features, test_labels = extract(val_set)
+    features = folder_features(model, args.data_path, args.resize_size, args.crop_size, args.batch_size_per_gpu,
+                               args.num_workers, context)
     if args.dump_features:
+        train_features, train_labels, test_features, test_labels, _ = features
         gathered = [distributed.all_gather_rows(t).cpu()
                     for t in (train_features, test_features, train_labels, test_labels)]
         if context.is_main:
             dump_features(args.dump_features, *gathered)
             print(f"features written to {args.dump_features}", flush=True)
-    return train_features, train_labels, test_features, test_labels, num_classes
+    return features
 
 
 def _own_rows(features: torch.Tensor, labels: torch.Tensor, context: DistributedContext):
@@ -156,11 +185,8 @@ def _slot_table(scores: list[SlotScore]) -> str:
 def _write_json(context: DistributedContext, directory: str, name: str, payload: Any, log) -> None:
     if not context.is_main:
         return
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
-    with open(path + ".tmp", "w") as handle:
-        json.dump(payload, handle, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(payload, path)
     log(f"written {path}")
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from typing import Any
@@ -12,17 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from torchvision import transforms
 
-from ..checkpoint import load_checkpoint_file, load_weights, select_state_dict, strip_prefixes
-from ..cli import UserError, ensure_writable_dir
-from ..models import VisionTransformer
 from .. import distributed
-from .data import labelled_splits, ordered_loader, shard
+from ..checkpoint import read_checkpoint, restore_state, save_atomic
+from ..cli import ensure_writable_dir
+from ..data.datasets import labelled_splits, ordered_loader, shard
+from ..data.transforms import eval_transform, linear_train_transform
 from ..distributed import DistributedContext
-from .features import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from .pretrained import check_eval_args, load_frozen_backbone
-from .slots import parse_slots, restrict_to_slots, slot_layout
+from ..errors import UserError
+from ..logging import append_json_line
+from ..models import VisionTransformer
+from ..models.config import build_pretrained_backbone
+from .flags import check_eval_args
+from .slots import check_slots, restrict_to_slots, slot_layout
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 
@@ -45,7 +46,10 @@ class ProbeFeatures(nn.Module):
     """The frozen features the linear probe sees.
 
     - ``cls`` read-out (DINO's protocol): the CLS tokens of the last ``n_last_blocks`` blocks (each through the
-      final norm), concatenated, plus the mean of the last block's patch tokens with ``avgpool_patchtokens``.
+      final norm), concatenated, plus the mean of the last block's patch tokens with ``avgpool_patchtokens``:
+      with one block, CLS and mean are interleaved dimension by dimension (``[c0, m0, c1, m1, ...]``) as DINO's
+      eval_linear lays them out, so its trained linear weights evaluate correctly; with more blocks (which DINO
+      cannot combine with the mean) the mean is appended.
     - ``sparo`` read-out: the SPARO encoding (or the chosen ``slots`` of it, renormalised as a whole), scaled to
       unit RMS per dimension (norm sqrt(dim)), the scale of a LayerNorm'd CLS token, so one learning rate fits
       both; then, when ``n_last_blocks`` > 0, the CLS tokens of the last n remaining blocks, and the patch-token
@@ -91,21 +95,14 @@ class ProbeFeatures(nn.Module):
                     encoding = restrict_to_slots(encoding, self.slots, self.slot_dim)
                 encoding = F.normalize(encoding, dim=1) * math.sqrt(encoding.shape[1])
             features.append(encoding)
-        if self.n_last_blocks:
-            features.extend(t[:, 0] for t in tokens[-self.n_last_blocks:])
+        cls_tokens = [t[:, 0] for t in tokens[-self.n_last_blocks:]] if self.n_last_blocks else []
         if self.avgpool_patchtokens:
-            features.append(tokens[-1][:, self.backbone.num_prefix_tokens:].mean(dim=1))
-        return torch.cat(features, dim=-1).float()
-
-
-def train_transform(crop_size: int) -> transforms.Compose:
-    """DINO's linear-probe training view: RandomResizedCrop, horizontal flip, ImageNet normalisation."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(crop_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+            patch_mean = tokens[-1][:, self.backbone.num_prefix_tokens:].mean(dim=1)
+            if len(cls_tokens) == 1:
+                cls_tokens = [torch.stack((cls_tokens[0], patch_mean), dim=-1).flatten(1)]
+            else:
+                cls_tokens.append(patch_mean)
+        return torch.cat(features + cls_tokens, dim=-1).float()
 
 
 def evaluate_linear(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,10 +122,11 @@ def evaluate_linear(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any]:
     log = print if context.is_main else (lambda *a, **k: None)
-    backbone, config = load_frozen_backbone(args, log=context.is_main)
+    backbone, config = build_pretrained_backbone(args.pretrained_weights, args.checkpoint_key, args,
+                                                 log=print if context.is_main else None)
     check_eval_args(args, config)
     features = _probe_features(args, backbone, config).to(context.device)
-    train_set, val_set = labelled_splits(args.data_path, train_transform(args.crop_size),
+    train_set, val_set = labelled_splits(args.data_path, linear_train_transform(args.crop_size),
                                          eval_transform(args.resize_size, args.crop_size))
     num_labels = args.num_labels if args.num_labels is not None else len(train_set.classes)
     if num_labels < len(train_set.classes):
@@ -181,11 +179,11 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any
         history.append(record)
         log(message, flush=True)
         if context.is_main:
-            _save({"epoch": epoch + 1, "state_dict": classifier.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "best_acc": best_acc,
-                   "feature_dim": features.feature_dim, "features": features.describe()}, checkpoint_path)
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            save_atomic({"epoch": epoch + 1, "state_dict": classifier.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "best_acc": best_acc, "feature_dim": features.feature_dim,
+                         "features": features.describe()}, checkpoint_path)
+            append_json_line(os.path.join(args.output_dir, "log.txt"), record)
     log(f"Training of the supervised linear classifier on frozen features completed.\n"
         f"Top-1 test accuracy: {best_acc:.1f}")
     return {"best_acc": best_acc, "history": history, "start_epoch": start_epoch, "features": features.describe()}
@@ -203,7 +201,7 @@ def _probe_features(args: argparse.Namespace, backbone: VisionTransformer, confi
     slots, slot_dim = None, None
     if args.slots:
         num_slots, slot_dim = slot_layout(config, "--slots")
-        slots = parse_slots(args.slots, num_slots)
+        slots = check_slots(args.slots, num_slots)
     return ProbeFeatures(backbone, n_last_blocks, args.avgpool_patchtokens, slots, slot_dim)
 
 
@@ -244,17 +242,20 @@ def validate(features: ProbeFeatures, classifier: nn.Module, loader: DataLoader,
             "loss": float(sums[0] / count)}
 
 
-def _load_classifier(classifier: LinearClassifier, path: str, features: str) -> None:
-    """Linear weights from an eval_linear checkpoint (ours or the reference's, ``module.`` prefixes allowed),
-    refused when it records other features than ``features``."""
-    checkpoint = load_checkpoint_file(path)
-    trained_on = checkpoint.get("features", features) if isinstance(checkpoint, dict) else features
+def _read_linear_checkpoint(path: str, features: str) -> dict[str, Any]:
+    """An eval_linear checkpoint (ours or the reference's: ``state_dict`` with ``module.`` prefixes), refused
+    when it records other features than ``features``."""
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{path} is not an eval_linear checkpoint (no state_dict)")
+    trained_on = checkpoint.get("features", features)
     if trained_on != features:
         raise UserError(f"{path} was trained on {trained_on}, not on {features}: use the same feature flags")
-    state_dict = strip_prefixes(select_state_dict(checkpoint, "state_dict", path))
-    report = load_weights(classifier, state_dict, "linear classifier")
-    if report.missing:
-        raise UserError(f"{path} holds no linear classifier weights (missing {', '.join(report.missing)})")
+    return checkpoint
+
+
+def _load_classifier(classifier: LinearClassifier, path: str, features: str) -> None:
+    restore_state(_read_linear_checkpoint(path, features), path, state_dict=classifier)
 
 
 def _resume(path: str, classifier: LinearClassifier, optimizer: torch.optim.Optimizer,
@@ -262,26 +263,12 @@ def _resume(path: str, classifier: LinearClassifier, optimizer: torch.optim.Opti
     """(first epoch to run, best accuracy so far) from ``path`` if it exists, else (0, 0)."""
     if not os.path.isfile(path):
         return 0, 0.0
-    checkpoint = load_checkpoint_file(path)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"{path} is not an eval_linear checkpoint (no state_dict); move it away or choose "
-                        f"another --output_dir")
-    _load_classifier(classifier, path, features)
-    try:
-        saved_epochs = checkpoint["scheduler"]["T_max"]
-        if saved_epochs != scheduler.T_max:
-            raise UserError(f"{path} comes from a run of {saved_epochs} epochs: resume it with --epochs "
-                            f"{saved_epochs}, or choose another --output_dir")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise UserError(f"{path}: cannot restore the optimizer or scheduler ({error})") from None
+    checkpoint = _read_linear_checkpoint(path, features)
+    saved_epochs = (checkpoint.get("scheduler") or {}).get("T_max")
+    if saved_epochs != scheduler.T_max:
+        raise UserError(f"{path} comes from a run of {saved_epochs} epochs: resume it with --epochs "
+                        f"{saved_epochs}, or choose another --output_dir")
+    restore_state(checkpoint, path, state_dict=classifier, optimizer=optimizer, scheduler=scheduler)
     epoch, best_acc = int(checkpoint.get("epoch", 0)), float(checkpoint.get("best_acc", 0.0))
     log(f"resumed from {path}: epoch {epoch} done, best top-1 so far {best_acc:.2f}", flush=True)
     return epoch, best_acc
-
-
-def _save(checkpoint: dict[str, Any], path: str) -> None:
-    """Writes the whole file next to ``path`` then renames it, so an interruption never leaves half a file."""
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)

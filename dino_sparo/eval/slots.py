@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..cli import UserError
 from .. import distributed
+from ..errors import UserError
 from .knn import sharded_knn
 
 
@@ -26,21 +26,14 @@ def slot_layout(config: Mapping[str, Any], flag: str) -> tuple[int, int]:
     return int(config["sparo_slots"]), int(config["sparo_slot_dim"])
 
 
-def parse_slots(text: str, num_slots: int) -> list[int]:
-    """``"3,17,42"`` -> ``[3, 17, 42]``, each index in ``[0, num_slots)`` and given once."""
-    try:
-        slots = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"--slots expects comma-separated integers such as 3,17,42, got {text!r}") from None
-    if not slots:
-        raise UserError("--slots is empty")
+def check_slots(slots: Sequence[int], num_slots: int, flag: str = "--slots") -> list[int]:
+    """``slots`` (as parsed by :func:`dino_sparo.cli.slot_list`) if every index exists in a model of
+    ``num_slots`` slots, else a :class:`UserError` naming those that do not."""
     outside = [slot for slot in slots if not 0 <= slot < num_slots]
     if outside:
-        raise UserError(f"--slots {', '.join(map(str, outside))} out of range: this model has {num_slots} slots "
+        raise UserError(f"{flag} {', '.join(map(str, outside))} out of range: this model has {num_slots} slots "
                         f"(indices 0 to {num_slots - 1})")
-    if len(set(slots)) != len(slots):
-        raise UserError(f"--slots lists a slot more than once: {text}")
-    return slots
+    return list(slots)
 
 
 def restrict_to_slots(features: torch.Tensor, slots: Sequence[int], slot_dim: int) -> torch.Tensor:
@@ -98,7 +91,7 @@ def select_slots(train_features: torch.Tensor, train_labels: torch.Tensor, count
 
     A ``holdout_fraction`` of train, fixed by ``seed`` over the global train order, is classified by k-NN
     against the remaining train images with each single slot; the ``count`` best slots are chosen. The
-    arguments are this rank's contiguous shard of train (as split by :func:`~dino_sparo.eval.data.shard`),
+    arguments are this rank's contiguous shard of train (as split by :func:`~dino_sparo.data.datasets.shard`),
     so the held-out part is the same whatever the number of processes.
     """
     if not 1 <= count <= num_slots:

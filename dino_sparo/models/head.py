@@ -1,4 +1,4 @@
-"""DINO projection head: MLP, L2 normalisation, weight-normalised prototype layer (design.md §3)."""
+"""DINO projection head: MLP, L2 normalisation, weight-normalised prototype layer."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""SPARO read-out: L separately attended single-head slots over the encoder tokens (design.md §2)."""
+"""SPARO read-out (Vani et al., ECCV 2024): L separately attended single-head slots over the encoder tokens."""
 from __future__ import annotations
 
 import math

@@ -63,6 +63,8 @@ class VisionTransformer(TimmVisionTransformer):
             mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0, global_pool="token", dynamic_img_size=True,
             drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6),
         )
+        # timm starts the CLS token at std 1e-6; DINO (and so its checkpoints' training) at trunc_normal std 0.02.
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.readout = readout
         self.pos_embed_interpolation = pos_embed_interpolation
         self.sparo: SPARO | None = None

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from ..cli import UserError
-from ..data.datasets import images_under
-from ..eval.features import IMAGENET_MEAN, IMAGENET_STD
+from ..data.images import READ_ERRORS, images_under, load_rgb
+from ..data.transforms import normalize
+from ..errors import UserError
 
 
 @dataclass
@@ -62,13 +62,13 @@ def prepare_images(paths: Sequence[Path], image_size: Sequence[int], patch_size:
     prepared = []
     for path in paths:
         try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            print(f"warning: skipping {path}: not a readable image ({error.__class__.__name__})", file=sys.stderr)
+            image = load_rgb(str(path))
+        except READ_ERRORS as error:
+            print(f"warning: skipping unreadable image {path} ({type(error).__name__}: {error})", file=sys.stderr,
+                  flush=True)
             continue
         pixels = resize_to_patch_multiple(image, image_size, patch_size)
-        tensor = TF.normalize(TF.to_tensor(pixels), IMAGENET_MEAN, IMAGENET_STD)
+        tensor = normalize()(pixels)
         prepared.append(PreparedImage(path, pixels, tensor))
     if not prepared:
         raise UserError(f"none of the {len(paths)} image file(s) could be read")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,24 +9,17 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..cli import UserError, ensure_writable_dir
-from ..eval.pretrained import load_frozen_backbone
+from ..checkpoint import write_json_atomic
+from ..cli import ensure_writable_dir
+from ..distributed import resolve_device
+from ..errors import UserError
+from ..eval.slots import check_slots
+from ..models.config import build_pretrained_backbone
 from . import render
 from .attention import PEAKEDNESS_HELP, head_cls_attention, patch_grid, peakedness, slot_attention
 from .images import PreparedImage, find_images, prepare_images
 
 DEFAULT_TOP_SLOTS = 16
-
-
-def slot_list(text: str) -> list[int]:
-    """argparse type for ``--slots 1,5,9``: distinct slot indices >= 0, in the order given."""
-    try:
-        slots = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated slot indices such as 1,5,9, got {text!r}") from None
-    if not slots or min(slots) < 0:
-        raise argparse.ArgumentTypeError(f"expected slot indices >= 0, got {text!r}")
-    return list(dict.fromkeys(slots))
 
 
 def _choose_slots(args: argparse.Namespace, scores: torch.Tensor) -> tuple[list[int], str]:
@@ -38,15 +30,6 @@ def _choose_slots(args: argparse.Namespace, scores: torch.Tensor) -> tuple[list[
     return order.tolist(), f"top {count} of {len(scores)} by peakedness"
 
 
-def _check_device(name: str) -> None:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
-
-
 def _check_slot_request(args: argparse.Namespace, model: torch.nn.Module) -> bool:
     """Whether to draw slots; a request that cannot be met is a :class:`UserError`."""
     asked = args.slots is not None or args.top_slots is not None
@@ -55,11 +38,7 @@ def _check_slot_request(args: argparse.Namespace, model: torch.nn.Module) -> boo
             raise UserError(f"{args.pretrained_weights} is a {model.readout!r} read-out model with no SPARO slots; "
                             f"drop --slots/--top_slots to draw the per-head CLS attention only")
         return False
-    num_slots = model.sparo.num_slots
-    out_of_range = [slot for slot in args.slots or [] if slot >= num_slots]
-    if out_of_range:
-        raise UserError(f"slot index {', '.join(map(str, out_of_range))} out of range: the model has {num_slots} "
-                        f"slots (0-{num_slots - 1})")
+    check_slots(args.slots or [], model.sparo.num_slots)
     return True
 
 
@@ -78,19 +57,19 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
                         f"{len(args.image_size)} values")
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
-    _check_device(args.device)
+    device = resolve_device(args.device)
     output_dir = Path(args.output_dir)
     ensure_writable_dir(str(output_dir), create=False)  # created once the images are drawn
     paths = find_images(args.images, args.max_images)
-    model, _ = load_frozen_backbone(args)
-    model.to(args.device)
+    model, _ = build_pretrained_backbone(args.pretrained_weights, args.checkpoint_key, args)
+    model.to(device)
     draw_slots = _check_slot_request(args, model)
     patch_size = model.patch_embed.patch_size[0]
     images = prepare_images(paths, args.image_size, patch_size)
 
     slot_maps, cls_weights, slot_scores, head_maps = [], [], [], []
     for image in images:
-        tensor = image.tensor.to(args.device)
+        tensor = image.tensor.to(device)
         grid_size = (tensor.shape[-2] // patch_size, tensor.shape[-1] // patch_size)
         head_maps.append(patch_grid(head_cls_attention(model, tensor), grid_size, model.num_prefix_tokens))
         if draw_slots:
@@ -125,7 +104,7 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
                       args.tile_size, args.alpha)
     render.grid(rows).save(output_dir / "heads.png")
     summary["files"].append("heads.png")
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(summary, output_dir / "summary.json")
 
     columns = f"{len(images)} image column(s)"
     if draw_slots:

@@ -1,0 +1,87 @@
+"""One training epoch: schedules applied per iteration, the step, progress lines and TensorBoard scalars at
+logging intervals (the only points where the host waits on the device), and stopping at an iteration all ranks
+agree on when a preemption signal arrives."""
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .data.device_augment import StepViews
+from .distributed import DistributedContext, any_rank, is_dist_initialized
+from .health import NonFiniteWatch
+from .logging import MetricLogger, TrainingLog, max_memory_mb
+from .preemption import PreemptionGuard
+from .train_setup import Schedules
+from .train_step import TrainStep
+
+
+def train_one_epoch(step: TrainStep, loader: Iterable, views: StepViews, epoch: int, niter: int,
+                    schedules: Schedules, ctx: DistributedContext, log: TrainingLog, say: Callable[[str], None],
+                    args: argparse.Namespace, guard: PreemptionGuard | None = None,
+                    first_iteration: int = 0) -> dict[str, Any]:
+    """Trains from ``first_iteration`` to the end of the epoch, or, when a preemption signal arrived, to an
+    iteration all ranks agree on: then the stats carry ``stopped_at_iteration`` (the next one to run)."""
+    metrics = MetricLogger(f"Epoch: [{epoch}/{args.epochs}]", niter)
+    nonfinite = NonFiniteWatch(niter, ctx.device)
+    skipped = 0
+    epoch_start = interval_start = last_ready = time.time()
+    data_time = 0.0
+    images_per_step = args.batch_size_per_gpu * ctx.world_size
+    stopped_at = None
+    steps_run = 0
+    for index, (crops, _, skipped_here) in enumerate(loader, start=first_iteration):
+        steps_run += 1
+        data_time += time.time() - last_ready
+        iteration = epoch * niter + index
+        schedules.apply(step.optimizer, iteration)
+        crops = views(crops, iteration)
+        skipped += int(skipped_here.sum())
+        values = step(crops, epoch, float(schedules.momentum[iteration]))
+        nonfinite.update(values["loss"], index)
+        metrics.update(**values, lr=schedules.lr[iteration], wd=schedules.weight_decay[iteration],
+                       teacher_momentum=schedules.momentum[iteration],
+                       teacher_temp=step.dino_loss.teacher_temperature(epoch))
+        last_ready = time.time()
+        if (index + 1) % args.log_freq == 0 or index == niter - 1:
+            nonfinite.raise_if_any(epoch)
+            latest = metrics.flush()
+            elapsed = time.time() - interval_start
+            steps = (index % args.log_freq) + 1
+            images_per_s = images_per_step * steps / max(elapsed, 1e-9)
+            say(metrics.progress_line(index, images_per_s, data_time / steps, elapsed / steps,
+                                      max_memory_mb(ctx.device)))
+            log.scalars({**latest, "images_per_s": images_per_s}, iteration)
+            interval_start, data_time = time.time(), 0.0
+        if guard is not None and index < niter - 1 and _preemption_agreed(guard, index, args.log_freq):
+            nonfinite.raise_if_any(epoch)  # never save a state that has gone non-finite
+            stopped_at = index + 1
+            say(f"preemption signal received: stopping at epoch {epoch}, iteration {stopped_at} of {niter}")
+            break
+    averages = metrics.averages(ctx.device)
+    if is_dist_initialized():
+        total = torch.tensor(skipped, device=ctx.device)
+        torch.distributed.all_reduce(total)
+        skipped = int(total.item())
+    epoch_time = time.time() - epoch_start
+    stats = {f"train_{name}": value for name, value in averages.items()}
+    stats.update(epoch=epoch, images_per_s=images_per_step * steps_run / epoch_time, epoch_time_s=round(epoch_time, 2),
+                 skipped_images=skipped)
+    if stopped_at is not None:
+        stats["stopped_at_iteration"] = stopped_at
+        return stats
+    say(f"Epoch {epoch} done in {epoch_time:.1f}s: loss {stats['train_loss']:.4f}, teacher entropy "
+        f"{stats['train_teacher_entropy']:.3f} nats, student/teacher agreement {stats['train_agreement']:.3f}"
+        + (f", skipped {skipped} unreadable images" if skipped else ""))
+    return stats
+
+
+def _preemption_agreed(guard: PreemptionGuard, index: int, log_freq: int) -> bool:
+    """Whether to stop after iteration ``index``. One process checks its flag every iteration; several agree
+    at logging intervals only, where the loop already synchronises, so steps stay free of host syncs."""
+    if not is_dist_initialized():
+        return guard.requested
+    return (index + 1) % log_freq == 0 and any_rank(guard.requested)

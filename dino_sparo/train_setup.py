@@ -1,0 +1,214 @@
+"""Everything a DINO run sets up before its first step: checked flags, precision, seeds, data, the student and
+teacher, their distributed wrappers and the per-iteration schedules."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from .checkpoint import remove_stale_temporaries
+from .cli import ensure_writable_dir
+from .data.augment import DataAugmentationDINO, MultiCropUint8
+from .data.datasets import ImageDataset, ResumableDistributedSampler
+from .data.demo import DEMO_CLASS_LABEL, ensure_demo_dataset
+from .data.device_augment import DeviceAugmentation, StepViews
+from .distributed import DistributedContext, is_dist_initialized, resolve_device
+from .errors import UserError
+from .models import DINOHead, MultiCropWrapper
+from .models.config import build_backbone, resolve_model_config
+from .preemption import ignore_preemption_signals
+from .schedules import cosine_scheduler
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+AUGMENT_DEVICES = ("auto", "pil", "cpu", "cuda")
+Say = Callable[[str], None]
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Flag values that cannot work become one-line :class:`UserError`s before anything starts."""
+    def check(condition: bool, message: str) -> None:
+        if not condition:
+            raise UserError(message)
+
+    check(0 <= args.momentum_teacher <= 1, f"--momentum_teacher must be in [0, 1], got {args.momentum_teacher}")
+    check(args.teacher_temp > 0 and args.warmup_teacher_temp > 0, "teacher temperatures must be > 0")
+    check(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    check(args.min_lr >= 0, f"--min_lr must be >= 0, got {args.min_lr}")
+    check(args.clip_grad >= 0, f"--clip_grad must be >= 0, got {args.clip_grad}")
+    check(args.warmup_epochs >= 0 and args.warmup_teacher_temp_epochs >= 0 and args.freeze_last_layer >= 0,
+          "epoch counts (--warmup_epochs, --warmup_teacher_temp_epochs, --freeze_last_layer) must be >= 0")
+    check(0 <= args.drop_path_rate < 1, f"--drop_path_rate must be in [0, 1), got {args.drop_path_rate}")
+    check(args.local_crops_number >= 0, f"--local_crops_number must be >= 0, got {args.local_crops_number}")
+    check(args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}")
+    check(args.saveckp_freq >= 0, f"--saveckp_freq must be >= 0, got {args.saveckp_freq}")
+    for name in ("global_crops_scale", "local_crops_scale"):
+        low, high = getattr(args, name)
+        check(0 < low <= high <= 1, f"--{name} must satisfy 0 < min <= max <= 1, got {low} {high}")
+    for name in ("global_crop_size", "local_crop_size"):
+        check(getattr(args, name) % args.patch_size == 0,
+              f"--{name} {getattr(args, name)} is not a multiple of --patch_size {args.patch_size}")
+
+
+def jsonable_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``vars(args)`` as plain JSON types (tuples become lists), safe for ``torch.load(weights_only=True)``."""
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+def resolve_precision(precision: str, use_fp16: bool | None, device: torch.device) -> str:
+    """``fp32``, ``fp16`` or ``bf16`` from ``--precision`` (and the reference's ``--use_fp16``).
+
+    ``auto`` takes bf16 only where it is native: CUDA GPUs that compute in bf16 (Ampere and later; V100 and T4
+    only emulate it, so they get fp16 + GradScaler as in the reference) and CPUs with AVX512-BF16 or AMX
+    (elsewhere emulated bf16 matmuls are several times slower than fp32).
+    """
+    if precision == "auto" and use_fp16 is not None:
+        precision = "fp16" if use_fp16 else "fp32"
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+        else:
+            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+            precision = "bf16" if native else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 (or --use_fp16 true) needs a CUDA GPU; on CPU use --precision bf16 or fp32")
+    return precision
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def resolve_data_paths(args: argparse.Namespace, ctx: DistributedContext, say: Say) -> None:
+    """Fills ``--data_path`` (and the k-NN folder) for the demo, and checks the folders before any work."""
+    if args.demo and not args.data_path:
+        root = ensure_demo_dataset(args.demo_data_dir, num_train=args.demo_num_images,
+                                   num_val=max(1, args.demo_num_images // 4), verbose=ctx.is_main)
+        args.data_path = os.path.join(root, "train")
+        args.knn_data_path = args.knn_data_path or root
+        say(f"demo data: {root} (class folders = {DEMO_CLASS_LABEL}; all attributes in attributes.csv)")
+    if not args.data_path:
+        raise UserError("no data given: pass --data_path FOLDER (or --demo for the built-in demo data)")
+    for split in ("train", "val") if args.knn_data_path else ():
+        # checked now, not after hours of training
+        if not os.path.isdir(os.path.join(args.knn_data_path, split)):
+            raise UserError(f"--knn_data_path {args.knn_data_path} has no {split}/ folder")
+
+
+def prepare_output_dir(output_dir: str, is_main: bool, say: Say) -> None:
+    ensure_writable_dir(output_dir)
+    if is_main:
+        stale = remove_stale_temporaries(output_dir)
+        if stale:
+            say(f"removed {len(stale)} partial checkpoint file(s) left by an interrupted save: {', '.join(stale)}")
+
+
+def build_training_data(args: argparse.Namespace, ctx: DistributedContext, say: Say
+                        ) -> tuple[ResumableDistributedSampler, DataLoader, StepViews]:
+    """The resumable distributed sampler, the multi-crop loader (drop_last, as the reference) and what turns a
+    batch into the step's views on the training device.
+
+    ``--augment_device pil`` runs the reference chain in the workers. Otherwise (the default) workers only
+    decode, crop, resize and flip to uint8, and the colour, blur and solarisation ops run batched on
+    ``--augment_device`` (auto: the training device).
+    """
+    crop_args = (tuple(args.global_crops_scale), tuple(args.local_crops_scale), args.local_crops_number,
+                 args.global_crop_size, args.local_crop_size)
+    if args.augment_device == "pil":
+        transform, views = DataAugmentationDINO(*crop_args), StepViews(None, ctx.device, ctx.device, args.seed,
+                                                                        ctx.rank)
+    else:
+        augment_device = ctx.device if args.augment_device == "auto" else resolve_device(args.augment_device,
+                                                                                           ctx.local_rank)
+        transform = MultiCropUint8(*crop_args)
+        views = StepViews(DeviceAugmentation(args.local_crops_number, args.global_crop_size), augment_device,
+                          ctx.device, args.seed, ctx.rank)
+    dataset = ImageDataset(args.data_path, transform, count_skipped=True)
+    sampler = ResumableDistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                          seed=args.seed)
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+                        pin_memory=ctx.device.type == "cuda", drop_last=True,
+                        worker_init_fn=ignore_preemption_signals)
+    if len(loader) == 0:
+        raise UserError(f"{len(dataset)} images are fewer than one batch of {args.batch_size_per_gpu} x "
+                        f"{ctx.world_size} processes: lower --batch_size_per_gpu")
+    layout = f"{len(dataset.classes)} class folders" if dataset.classes else "flat folder"
+    say(f"data: {len(dataset)} images in {args.data_path} ({layout}); {len(loader)} iterations per epoch")
+    if dataset.ignored_loose_files:
+        say(f"note: {dataset.ignored_loose_files} images directly in {args.data_path} are ignored because it has "
+            f"class sub-folders")
+    return sampler, loader, views
+
+
+def build_models(args: argparse.Namespace, device: torch.device) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """Student (drop path, head with ``norm_last_layer``) and a separate teacher (no drop path, head with the
+    last-layer norm fixed) holding the student's weights; the teacher gets no gradients."""
+    config = resolve_model_config(args)
+    backbone = build_backbone(config, drop_path_rate=args.drop_path_rate)
+    head_sizes = dict(use_bn=args.use_bn_in_head, hidden_dim=args.head_hidden_dim,
+                      bottleneck_dim=args.head_bottleneck_dim)
+    student = MultiCropWrapper(backbone, DINOHead(backbone.feature_dim, args.out_dim,
+                                                  norm_last_layer=args.norm_last_layer, **head_sizes))
+    teacher = MultiCropWrapper(build_backbone(config, drop_path_rate=0.0),
+                               DINOHead(backbone.feature_dim, args.out_dim, norm_last_layer=True, **head_sizes))
+    teacher.load_state_dict(student.state_dict())
+    student.to(device)
+    teacher.to(device)
+    teacher.requires_grad_(False)
+    student_storage = {p.untyped_storage().data_ptr() for p in student.parameters()}
+    # A teacher aliased to the student never lags behind it: the loss stays at ln(out_dim) (DINOv2 issue 407).
+    assert not any(p.untyped_storage().data_ptr() in student_storage for p in teacher.parameters()), \
+        "teacher shares storage with the student"
+    return student, teacher
+
+
+def wrap_for_distributed(student: nn.Module, teacher: nn.Module, args: argparse.Namespace, ctx: DistributedContext
+                         ) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """``(student as stepped, student module, teacher)``: with a process group, BatchNorm in the head becomes
+    SyncBatchNorm on GPUs and the student is wrapped in DistributedDataParallel; the teacher never is (no
+    gradients), as in the reference."""
+    if args.use_bn_in_head and is_dist_initialized() and ctx.device.type == "cuda":
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    if not is_dist_initialized():
+        return student, student, teacher
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(student, device_ids=device_ids), student, teacher
+
+
+@dataclass
+class Schedules:
+    """Per-iteration values over the whole run, as DINO's ``cosine_scheduler`` arrays."""
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+
+    def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> None:
+        """Sets ``iteration``'s learning rate on every group and its weight decay on the regularised group 0
+        only (the biases and norms of group 1 are never decayed), as the reference does."""
+        for index, group in enumerate(optimizer.param_groups):
+            group["lr"] = float(self.lr[iteration])
+            if index == 0:
+                group["weight_decay"] = float(self.weight_decay[iteration])
+
+
+def build_schedules(args: argparse.Namespace, niter_per_epoch: int, world_size: int) -> Schedules:
+    """The learning rate scales linearly with the global batch (lr is given for 256 images), warms up linearly
+    and decays by a cosine to min_lr; weight decay rises by a cosine; the teacher momentum rises to 1."""
+    peak_lr = args.lr * args.batch_size_per_gpu * world_size / 256.0
+    return Schedules(
+        lr=cosine_scheduler(peak_lr, args.min_lr, args.epochs, niter_per_epoch, warmup_epochs=args.warmup_epochs),
+        weight_decay=cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_epoch),
+        momentum=cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter_per_epoch),
+    )

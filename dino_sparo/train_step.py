@@ -1,0 +1,61 @@
+"""One DINO optimisation step, free of host synchronisation so the GPU is never left waiting on Python."""
+from __future__ import annotations
+
+import argparse
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from .loss import DINOLoss, training_signals
+from .optim import cancel_gradients_last_layer, clip_gradients, update_teacher
+
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainStep:
+    """Forward under autocast (teacher on the 2 global crops, student on all), loss, backward (scaled for fp16),
+    per-parameter clipping, the last-layer freeze, the optimizer step and the teacher EMA.
+
+    ``student`` is what runs the forward (DistributedDataParallel when distributed), ``student_module`` the
+    module inside it, whose parameters the teacher averages.
+    """
+
+    def __init__(self, args: argparse.Namespace, student: nn.Module, student_module: nn.Module, teacher: nn.Module,
+                 dino_loss: DINOLoss, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                 precision: str, device: torch.device) -> None:
+        self.clip_grad, self.freeze_last_layer = args.clip_grad, args.freeze_last_layer
+        self.student, self.student_module, self.teacher = student, student_module, teacher
+        self.dino_loss, self.optimizer, self.scaler = dino_loss, optimizer, scaler
+        dtype = AUTOCAST_DTYPES.get(precision)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+        student_named = dict(student_module.named_parameters())
+        teacher_named = dict(teacher.named_parameters())
+        assert student_named.keys() == teacher_named.keys()
+        self.ema_pairs = ([student_named[k] for k in student_named], [teacher_named[k] for k in student_named])
+
+    def __call__(self, crops: list[torch.Tensor], epoch: int, momentum: float) -> dict[str, torch.Tensor]:
+        """Returns the loss and the health signals as device tensors (read them at logging intervals only)."""
+        with self.autocast():
+            with torch.no_grad():
+                teacher_output = self.teacher(crops[:2])
+            student_output = self.student(crops)
+            signals = training_signals(self.dino_loss, student_output, teacher_output, epoch)
+            loss = self.dino_loss(student_output, teacher_output, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                clip_gradients(self.student_module, self.clip_grad)
+            cancel_gradients_last_layer(epoch, self.student_module, self.freeze_last_layer)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.clip_grad:
+                clip_gradients(self.student_module, self.clip_grad)
+            cancel_gradients_last_layer(epoch, self.student_module, self.freeze_last_layer)
+            self.optimizer.step()
+        update_teacher(*self.ema_pairs, momentum)
+        return {"loss": loss.detach(), **signals}
