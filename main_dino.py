@@ -73,6 +73,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--warmup_epochs", type=int, default=10, help="epochs of linear learning-rate warm-up")
     group.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate (cosine schedule)")
     group.add_argument("--optimizer", choices=("adamw", "sgd", "lars"), default="adamw", help="optimizer")
+    group.add_argument("--sparo_lr_mult", type=float, default=1.0,
+                       help="learning-rate multiplier of the SPARO read-out's parameters (queries, projections)")
+    group.add_argument("--sparo_weight_decay", type=bool_flag, default=True,
+                       help="weight decay on SPARO's queries and key/value projections (their product is the "
+                       "attention temperature); false exempts them")
     group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth of the student")
 
     group = parser.add_argument_group("multi-crop")
@@ -102,6 +107,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int, default=0, help="random seed")
     group.add_argument("--num_workers", type=int, default=10, help="data-loading processes per training process")
     group.add_argument("--log_freq", type=positive_int, default=10, help="iterations between progress lines")
+    group.add_argument("--viz_freq", type=int, default=5,
+                       help="SPARO: every epoch the slot statistics of the teacher on 16 fixed training images go to "
+                       "log.txt and TensorBoard; every viz_freq epochs also their most peaked slots' attention maps "
+                       "(TensorBoard images); 0: no images")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--dist_url", default="env://", help="process-group initialisation URL")
     group.add_argument("--local_rank", "--local-rank", type=int, default=0,

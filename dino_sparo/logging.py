@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from .distributed import is_dist_initialized
@@ -129,6 +130,11 @@ class TrainingLog:
             return
         for name, value in values.items():
             self.writer.add_scalar(prefix + name, value, step)
+
+    def image(self, tag: str, image: Any, step: int) -> None:
+        """A PIL image as a TensorBoard image."""
+        if self.writer is not None:
+            self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def epoch(self, stats: Mapping[str, Any]) -> None:
         if not self.enabled:

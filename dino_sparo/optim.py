@@ -1,23 +1,39 @@
 """Parameter groups, optimizers and the gradient/EMA operations of a DINO step."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+# The SPARO tensors whose product sets the attention temperature: decaying them cools every slot's softmax.
+_SPARO_TEMPERATURE = re.compile(r"(^|\.)sparo\.(queries|key_proj\.weight|value_proj\.weight)$")
 
-def get_params_groups(model: nn.Module) -> list[dict]:
-    """Two groups as in DINO: weights (decayed; group 0) and biases / 1-D parameters (no decay; group 1)."""
-    regularized, not_regularized = [], []
+
+def get_params_groups(model: nn.Module, sparo_lr_mult: float = 1.0, sparo_weight_decay: bool = True) -> list[dict]:
+    """DINO's groups: weights (decayed, ``regularized``; group 0) and biases / 1-D parameters (no decay).
+
+    With ``sparo_lr_mult`` != 1 the SPARO read-out's parameters get groups of their own whose learning rate is
+    that multiple of the schedule's (``lr_mult``); with ``sparo_weight_decay`` false its queries and key/value
+    projections are not decayed. The defaults give exactly the reference's two groups.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if name.endswith(".bias") or param.ndim == 1:
-            not_regularized.append(param)
-        else:
-            regularized.append(param)
-    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+        readout = sparo_lr_mult != 1.0 and (name.startswith("sparo.") or ".sparo." in name)
+        decayed = not (name.endswith(".bias") or param.ndim == 1)
+        if not sparo_weight_decay and _SPARO_TEMPERATURE.search(name):
+            decayed = False
+        groups.setdefault((readout, decayed), []).append(param)
+    result = [{"params": groups.get((False, True), []), "regularized": True},
+              {"params": groups.get((False, False), []), "weight_decay": 0.0}]
+    if (True, True) in groups:
+        result.append({"params": groups[(True, True)], "regularized": True, "lr_mult": sparo_lr_mult})
+    if (True, False) in groups:
+        result.append({"params": groups[(True, False)], "weight_decay": 0.0, "lr_mult": sparo_lr_mult})
+    return result
 
 
 class LARS(torch.optim.Optimizer):

@@ -22,6 +22,7 @@ from .loss import DINOLoss
 from .models.config import architecture_args
 from .optim import build_optimizer, get_params_groups
 from .preemption import PreemptionGuard
+from .slot_monitor import SlotMonitor
 from .train_loop import train_one_epoch
 from .train_setup import (
     build_models,
@@ -70,7 +71,8 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
         f"{ctx.world_size} process(es)")
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs).to(ctx.device)
-    optimizer = build_optimizer(args.optimizer, get_params_groups(student_module), ctx.device)
+    optimizer = build_optimizer(args.optimizer, get_params_groups(student_module, args.sparo_lr_mult,
+                                                                  args.sparo_weight_decay), ctx.device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     niter = len(loader)
     schedules = build_schedules(args, niter, ctx.world_size)
@@ -91,6 +93,8 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
         save_atomic(state, path)
 
     log = TrainingLog(args.output_dir, ctx.is_main)
+    monitor = (SlotMonitor(args.data_path, args.global_crop_size, ctx.device, viz_freq=args.viz_freq)
+               if ctx.is_main and args.readout == "sparo" else None)
     collapse_warned = False
     try:
         with PreemptionGuard() as guard:
@@ -107,6 +111,8 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
                         save(epoch, stats["stopped_at_iteration"])
                     barrier()  # no rank exits (which makes torchrun stop the others) before the checkpoint is saved
                     raise Preempted(guard.signum, epoch, stats["stopped_at_iteration"], checkpoint_path)
+                if monitor is not None:
+                    stats.update(monitor(teacher.backbone, epoch, log))
                 result.epoch_stats.append(stats)
                 if ctx.is_main:
                     save(epoch + 1)

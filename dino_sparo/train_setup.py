@@ -195,11 +195,12 @@ class Schedules:
     momentum: np.ndarray
 
     def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> None:
-        """Sets ``iteration``'s learning rate on every group and its weight decay on the regularised group 0
-        only (the biases and norms of group 1 are never decayed), as the reference does."""
+        """Sets ``iteration``'s learning rate on every group (times its ``lr_mult``) and its weight decay on the
+        ``regularized`` groups only (biases and norms are never decayed), as the reference does. Groups restored
+        from checkpoints that predate the mark follow the reference's rule: group 0 is the regularised one."""
         for index, group in enumerate(optimizer.param_groups):
-            group["lr"] = float(self.lr[iteration])
-            if index == 0:
+            group["lr"] = float(self.lr[iteration]) * group.get("lr_mult", 1.0)
+            if group.get("regularized", index == 0):
                 group["weight_decay"] = float(self.weight_decay[iteration])
 
 

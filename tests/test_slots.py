@@ -10,10 +10,13 @@ from helpers import balanced, make_image_folder, spread, write_main_dino_checkpo
 
 import eval_knn
 from dino_sparo.cli import slot_list
+from dino_sparo.data.datasets import ImageDataset
+from dino_sparo.data.transforms import eval_transform
 from dino_sparo.errors import UserError, run_cli
 from dino_sparo.eval.knn import knn_classifier
+from dino_sparo.eval.slot_stats import measure_slots
 from dino_sparo.eval.slots import check_slots, holdout_mask, per_slot_knn, restrict_to_slots, select_slots
-from dino_sparo.models import vit_tiny
+from dino_sparo.models import build_pretrained_backbone, vit_tiny
 
 SMALL = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "32"]
 
@@ -165,3 +168,17 @@ def test_slot_outputs_go_beside_the_checkpoint_without_output_dir(dumped, tmp_pa
     beside = os.path.join(os.path.dirname(checkpoint), "knn_per_slot.json")
     assert os.listdir(tmp_path) == []  # nothing written where the command happened to run
     assert os.path.isfile(beside) and f"written {beside}" in capsys.readouterr().out
+
+
+def test_per_slot_reports_the_slot_statistics_on_val(dumped, tmp_path):
+    data, checkpoint, _ = dumped
+    results = eval_knn.main(["--pretrained_weights", checkpoint, "--data_path", data, "--per_slot", "--nb_knn", "20",
+                             "--output_dir", str(tmp_path), *SMALL])
+    model, _ = build_pretrained_backbone(checkpoint, "teacher", {}, log=None)
+    val = ImageDataset(os.path.join(data, "val"), eval_transform(32, 32))
+    expected = measure_slots(model, [torch.stack([val[i][0] for i in range(len(val))])], "cpu")
+    written = json.loads((tmp_path / "knn_per_slot.json").read_text())
+    assert written["statistics"] == pytest.approx({"images": 37, **expected.summary()}, abs=1e-5)
+    for row in written["slots"]:
+        assert row["peakedness"] == pytest.approx(float(expected.peakedness[row["slot"]]), abs=1e-5)
+    assert results["per_slot"] == written

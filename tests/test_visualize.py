@@ -10,8 +10,8 @@ from torchvision.transforms import functional as TF
 import visualize_sparo
 from dino_sparo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino_sparo.errors import run_cli
+from dino_sparo.eval.slot_stats import peakedness
 from dino_sparo.models import MODEL_DEFAULTS, vit_tiny
-from dino_sparo.viz.attention import peakedness
 from dino_sparo.viz.render import GAP, LABEL_HEIGHT, colormap
 
 SPARO_CONFIG = dict(arch="vit_tiny", depth=2, readout="sparo", sparo_slots=4, sparo_slot_dim=8)

@@ -8,11 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.data import Subset
 
 from .. import distributed
 from ..checkpoint import write_json_atomic
 from ..cli import ensure_writable_dir
-from ..data.datasets import labelled_splits, shard
+from ..data.datasets import ImageDataset, labelled_splits, ordered_loader, shard
 from ..data.transforms import eval_transform
 from ..distributed import DistributedContext, shard_bounds
 from ..errors import UserError
@@ -20,6 +21,7 @@ from ..models.config import build_pretrained_backbone
 from .features import dump_features, extract_dataset_features, load_features
 from .flags import check_eval_args
 from .knn import sharded_knn
+from .slot_stats import PEAKEDNESS_HELP, SlotStatistics, measure_slots
 from .slots import SlotScore, check_slots, per_slot_knn, restrict_to_slots, select_slots, slot_layout
 
 
@@ -88,6 +90,14 @@ def _evaluate(args: argparse.Namespace, context: DistributedContext) -> dict[str
                               args.slot_knn, args.temperature, num_classes)
         log(f"per-slot {args.slot_knn}-NN accuracy on val, best first:\n{_slot_table(scores)}")
         results["per_slot"] = {"k": args.slot_knn, "split": "val", "slots": [vars(s) for s in scores]}
+        if args.data_path:
+            stats = _slot_statistics(model, args, context.device)
+            log(f"slot statistics on {stats.images} val images: " + ", ".join(
+                f"{name} {value:.3f}" for name, value in stats.summary().items()) + f" ({PEAKEDNESS_HELP})")
+            results["per_slot"]["statistics"] = {"images": stats.images, **stats.summary()}
+            by_slot = {row["slot"]: row for row in stats.per_slot()}
+            for row in results["per_slot"]["slots"]:
+                row.update(by_slot[row["slot"]])
         _write_json(context, args.output_dir, "knn_per_slot.json", results["per_slot"], log)
 
     if args.select_slots:
@@ -144,6 +154,15 @@ def _features(args: argparse.Namespace, context: DistributedContext, model: torc
             dump_features(args.dump_features, *gathered)
             print(f"features written to {args.dump_features}", flush=True)
     return features
+
+
+def _slot_statistics(model: torch.nn.Module, args: argparse.Namespace, device: torch.device,
+                     count: int = 256) -> SlotStatistics:
+    """The slot statistics on up to ``count`` val images, evenly spaced over the set."""
+    val = ImageDataset(os.path.join(args.data_path, "val"), eval_transform(args.resize_size, args.crop_size))
+    indices = list(range(0, len(val), max(1, len(val) // count)))[:count]
+    loader = ordered_loader(Subset(val, indices), args.batch_size_per_gpu, args.num_workers)
+    return measure_slots(model, (images for images, _ in loader), device)
 
 
 def _own_rows(features: torch.Tensor, labels: torch.Tensor, context: DistributedContext):

@@ -19,7 +19,10 @@ from .vision_transformer import ARCHS, POS_EMBED_INTERPOLATIONS, READOUTS, Visio
 
 # Architecture flags, in the order they are printed; all but ``arch`` are VisionTransformer arguments.
 MODEL_FLAGS = ("arch", "patch_size", "depth", "readout", "sparo_slots", "sparo_slot_dim", "sparo_attn_dim",
-               "sparo_share_kv", "sparo_slot_norm", "sparo_replace_blocks", "pos_embed_interpolation")
+               "sparo_share_kv", "sparo_slot_norm", "sparo_logit_scale", "sparo_replace_blocks",
+               "pos_embed_interpolation", "sparo_query_init_std", "sparo_key_init_gain")
+# Flags that only set the initialisation: no tensor depends on them, so resuming with other values is fine.
+INIT_ONLY_FLAGS = ("sparo_query_init_std", "sparo_key_init_gain")
 _SIGNATURE = inspect.signature(VisionTransformer.__init__).parameters
 MODEL_DEFAULTS: dict[str, Any] = {"arch": "vit_small", **{name: _SIGNATURE[name].default for name in MODEL_FLAGS[1:]}}
 # The DINO head's shape; with the backbone's flags these are what a checkpoint's tensors depend on.
@@ -70,6 +73,16 @@ def add_model_args(parser: argparse.ArgumentParser, from_checkpoint: bool = Fals
                        help="use the keys as values" + shown("sparo_share_kv"))
     group.add_argument("--sparo_slot_norm", type=bool_flag, default=default("sparo_slot_norm"),
                        help="L2-normalise each slot, scaled by sqrt(1/L)" + shown("sparo_slot_norm"))
+    group.add_argument("--sparo_logit_scale", type=bool_flag, default=default("sparo_logit_scale"),
+                       help="a learnable temperature per slot multiplying its attention logits, starting at 1"
+                       + shown("sparo_logit_scale"))
+    if not from_checkpoint:
+        group.add_argument("--sparo_query_init_std", type=float, default=MODEL_DEFAULTS["sparo_query_init_std"],
+                           help="std of the queries' N(0, std) initialisation (with the key gain it sets the initial "
+                           "attention temperature)" + shown("sparo_query_init_std"))
+        group.add_argument("--sparo_key_init_gain", type=float, default=MODEL_DEFAULTS["sparo_key_init_gain"],
+                           help="gain of the key projection's xavier-uniform initialisation"
+                           + shown("sparo_key_init_gain"))
     group.add_argument("--sparo_replace_blocks", type=positive_int, default=default("sparo_replace_blocks"),
                        help="final blocks removed for SPARO" + shown("sparo_replace_blocks"))
     group.add_argument("--pos_embed_interpolation", choices=POS_EMBED_INTERPOLATIONS,
@@ -131,7 +144,8 @@ def build_backbone(config: Mapping[str, Any] | None = None, drop_path_rate: floa
 def architecture_args(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
     """The flags a training checkpoint's tensors depend on (backbone and head), as resuming compares them."""
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    return {**resolve_model_config(given), **{name: given[name] for name in HEAD_FLAGS}}
+    config = {name: value for name, value in resolve_model_config(given).items() if name not in INIT_ONLY_FLAGS}
+    return {**config, **{name: given[name] for name in HEAD_FLAGS}}
 
 
 def build_pretrained_backbone(path: str, checkpoint_key: str, flags: argparse.Namespace | Mapping[str, Any],

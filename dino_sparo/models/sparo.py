@@ -24,6 +24,9 @@ class SPARO(nn.Module):
         attn_dim: int = 64,
         share_kv: bool = True,
         slot_norm: bool = True,
+        logit_scale: bool = False,
+        query_init_std: float = 1.0,
+        key_init_gain: float = 1.0,
     ) -> None:
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_slots", num_slots), ("slot_dim", slot_dim),
@@ -37,13 +40,17 @@ class SPARO(nn.Module):
         self.share_kv = share_kv
         self.slot_norm = slot_norm
 
-        self.queries = nn.Parameter(torch.randn(num_slots, attn_dim))
+        # The paper's initialisation: queries N(0, 1), xavier-uniform projections, zero biases. The scales of
+        # queries and keys set the initial attention temperature (their product is the logit), so both are options.
+        self.queries = nn.Parameter(torch.randn(num_slots, attn_dim) * query_init_std)
+        # Optional learnable per-slot temperature, multiplying the logits; starts at 1 (the paper's maths).
+        self.logit_scale = nn.Parameter(torch.ones(num_slots)) if logit_scale else None
         self.key_proj = nn.Linear(embed_dim, num_slots * attn_dim)
         self.value_proj = None if share_kv else nn.Linear(embed_dim, num_slots * attn_dim)
         self.out_proj = nn.Linear(attn_dim, slot_dim)
         for linear in (self.key_proj, self.value_proj, self.out_proj):
             if linear is not None:
-                nn.init.xavier_uniform_(linear.weight)
+                nn.init.xavier_uniform_(linear.weight, gain=key_init_gain if linear is self.key_proj else 1.0)
                 nn.init.zeros_(linear.bias)
 
     @property
@@ -67,7 +74,10 @@ class SPARO(nn.Module):
         fewer multiply-adds than projecting every token.
         """
         key_weight, key_bias = self._per_slot(self.key_proj)
-        queries = self.queries.to(key_weight.dtype) / math.sqrt(self.attn_dim)
+        queries = self.queries / math.sqrt(self.attn_dim)
+        if self.logit_scale is not None:
+            queries = queries * self.logit_scale[:, None]
+        queries = queries.to(key_weight.dtype)
         score_weight = torch.einsum("lh,lhd->ld", queries, key_weight)
         score_bias = (queries * key_bias).sum(dim=-1)
         attention = F.linear(tokens, score_weight, score_bias).transpose(1, 2).softmax(dim=-1)  # (B, L, N)
@@ -86,4 +96,5 @@ class SPARO(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_slots={self.num_slots}, slot_dim={self.slot_dim}, "
-                f"attn_dim={self.attn_dim}, share_kv={self.share_kv}, slot_norm={self.slot_norm}")
+                f"attn_dim={self.attn_dim}, share_kv={self.share_kv}, slot_norm={self.slot_norm}, "
+                f"logit_scale={self.logit_scale is not None}")

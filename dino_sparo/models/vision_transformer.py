@@ -46,6 +46,9 @@ class VisionTransformer(TimmVisionTransformer):
         sparo_attn_dim: int | None = None,
         sparo_share_kv: bool = True,
         sparo_slot_norm: bool = True,
+        sparo_logit_scale: bool = False,
+        sparo_query_init_std: float = 1.0,
+        sparo_key_init_gain: float = 1.0,
         sparo_replace_blocks: int = 1,
         pos_embed_interpolation: Literal["dino", "timm"] = "dino",
     ) -> None:
@@ -71,7 +74,8 @@ class VisionTransformer(TimmVisionTransformer):
         if readout == "sparo":
             self.blocks = self.blocks[: depth - sparo_replace_blocks]
             attn_dim = sparo_attn_dim if sparo_attn_dim is not None else embed_dim // num_heads
-            self.sparo = SPARO(embed_dim, sparo_slots, sparo_slot_dim, attn_dim, sparo_share_kv, sparo_slot_norm)
+            self.sparo = SPARO(embed_dim, sparo_slots, sparo_slot_dim, attn_dim, sparo_share_kv, sparo_slot_norm,
+                               sparo_logit_scale, sparo_query_init_std, sparo_key_init_gain)
         self.feature_dim = self.sparo.output_dim if self.sparo is not None else embed_dim
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:

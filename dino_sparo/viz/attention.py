@@ -1,15 +1,9 @@
-"""Attention maps over the patch grid and the "peakedness" used to rank slots."""
+"""Attention maps of one image: per SPARO slot, per head of the last block, and laid out over the patch grid."""
 from __future__ import annotations
-
-import math
 
 import torch
 
 from ..models import VisionTransformer
-
-PEAKEDNESS_HELP = ("peakedness is 1 - H(p) / log(P), with p the slot's attention over the P patches "
-                   "(CLS token left out, renormalised) and H its entropy: 0 for uniform attention, 1 for a single "
-                   "patch; averaged over the images")
 
 
 @torch.no_grad()
@@ -31,13 +25,3 @@ def patch_grid(token_attention: torch.Tensor, grid_size: tuple[int, int], num_pr
     if patches.shape[-1] != rows * cols:
         raise ValueError(f"{patches.shape[-1]} patch tokens do not fill a {rows}x{cols} grid")
     return patches.reshape(*patches.shape[:-1], rows, cols)
-
-
-def peakedness(patch_attention: torch.Tensor) -> torch.Tensor:
-    """(..., P) attention over patches -> (...) in [0, 1]; see :data:`PEAKEDNESS_HELP`."""
-    count = patch_attention.shape[-1]
-    if count == 1:
-        return torch.ones(patch_attention.shape[:-1])
-    p = patch_attention / patch_attention.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
-    return (1.0 - entropy / math.log(count)).clamp(0.0, 1.0)

@@ -13,10 +13,11 @@ from ..checkpoint import write_json_atomic
 from ..cli import ensure_writable_dir
 from ..distributed import resolve_device
 from ..errors import UserError
+from ..eval.slot_stats import PEAKEDNESS_HELP, SlotStatistics, slot_statistics
 from ..eval.slots import check_slots
 from ..models.config import build_pretrained_backbone
 from . import render
-from .attention import PEAKEDNESS_HELP, head_cls_attention, patch_grid, peakedness, slot_attention
+from .attention import head_cls_attention, patch_grid, slot_attention
 from .images import PreparedImage, find_images, prepare_images
 
 DEFAULT_TOP_SLOTS = 16
@@ -67,7 +68,7 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
     patch_size = model.patch_embed.patch_size[0]
     images = prepare_images(paths, args.image_size, patch_size)
 
-    slot_maps, cls_weights, slot_scores, head_maps = [], [], [], []
+    slot_maps, cls_weights, slot_stats, head_maps = [], [], [], []
     for image in images:
         tensor = image.tensor.to(device)
         grid_size = (tensor.shape[-2] // patch_size, tensor.shape[-1] // patch_size)
@@ -76,7 +77,7 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
             attention = slot_attention(model, tensor)
             slot_maps.append(patch_grid(attention, grid_size, model.num_prefix_tokens))
             cls_weights.append(attention[:, 0])
-            slot_scores.append(peakedness(attention[:, model.num_prefix_tokens:]))
+            slot_stats.append(slot_statistics(attention[None], model.num_prefix_tokens))
 
     output_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
@@ -88,7 +89,8 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
         "files": [],
     }
     if draw_slots:
-        scores = torch.stack(slot_scores).mean(dim=0)
+        stats = SlotStatistics.mean(slot_stats)
+        scores = stats.peakedness
         chosen, how = _choose_slots(args, scores)
         rows = _tile_rows(images, slot_maps, chosen,
                           lambda slot, i: f"slot {slot} cls {cls_weights[i][slot]:.2f}", args.tile_size, args.alpha)
@@ -96,7 +98,9 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
         summary["files"].append("slots.png")
         summary["slot_selection"] = how
         summary["peakedness"] = PEAKEDNESS_HELP
+        summary["slot_statistics"] = stats.summary()
         summary["slots"] = [{"slot": slot, "peakedness": round(scores[slot].item(), 6),
+                             "max_attention": round(stats.max_attention[slot].item(), 6),
                              "cls_weight": [round(weights[slot].item(), 6) for weights in cls_weights]}
                             for slot in chosen]
     num_heads = head_maps[0].shape[0]
