@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from dino_sparo.cli import bool_flag, positive_int
+from dino_sparo.cli import block_count_or_all, bool_flag, positive_int
 from dino_sparo.distributed import destroy_distributed
 from dino_sparo.errors import run_cli
 from dino_sparo.models.config import add_model_args
@@ -104,6 +104,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="start the student and teacher from these weights (this project's or an official DINO "
                        "checkpoint; backbone, and the head when it fits); ignored when output_dir has a checkpoint")
     group.add_argument("--init_from_key", default="teacher", help="which weights of --init_from to use")
+    group.add_argument("--freeze_blocks", type=block_count_or_all, default=None,
+                       help="retrofit a read-out onto a trained model: freeze the patch and position embeddings, the "
+                       "CLS token and the first K blocks (all: every block before the read-out), typically with "
+                       "--init_from a DINO checkpoint and --readout sparo. Only the read-out, the head and unfrozen "
+                       "blocks train; the frozen blocks run once per crop, shared by student and teacher, and "
+                       "stochastic depth is off inside them (default: nothing frozen)")
     group.add_argument("--seed", type=int, default=0, help="random seed")
     group.add_argument("--num_workers", type=int, default=10, help="data-loading processes per training process")
     group.add_argument("--log_freq", type=positive_int, default=10, help="iterations between progress lines")

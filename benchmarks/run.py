@@ -4,6 +4,7 @@
     python -m benchmarks.run --bench train --arch vit_small --readout cls sparo --batch_size 64 \\
         --local_crops_number 8 --compile           # the GPU table
     python -m benchmarks.run --bench loader        # multi-worker DataLoader throughput, every core
+    python -m benchmarks.run --bench train --readout sparo --baseline false --freeze_blocks all  # retrofit step
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dino_sparo.cli import bool_flag, positive_int
+from dino_sparo.cli import block_count_or_all, bool_flag, positive_int
 from dino_sparo.errors import UserError, run_cli
 from dino_sparo.models.vision_transformer import ARCHS, READOUTS
 from dino_sparo.train_setup import PRECISIONS
@@ -64,6 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        "step of each is kept")
     group.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    group.add_argument("--freeze_blocks", type=block_count_or_all, default=None,
+                       help="also time a retrofit step (embeddings and the first K blocks frozen, their output shared "
+                       "by student and teacher) next to each fast step; its speedup is against that full step")
 
     group = parser.add_argument_group("multi-crop data pipeline (one worker thread)")
     group.add_argument("--images", default=None, help="folder of photos (default: scikit-learn's sample JPEGs)")
@@ -103,6 +107,8 @@ def train_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
             for precision, compiled in itertools.product(args.precision, (False, True) if args.compile else (False,)):
                 configs.append(dict(common, arch=arch, readout=readout, mode="fast", precision=precision,
                                     compile=compiled))
+                if args.freeze_blocks is not None:
+                    configs.append(dict(configs[-1], mode="retrofit", freeze_blocks=args.freeze_blocks))
     return configs
 
 

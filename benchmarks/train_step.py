@@ -31,6 +31,7 @@ def _train_args(config: dict[str, Any]):
         "--global_crop_size", str(config["global_crop_size"]), "--local_crop_size", str(config["local_crop_size"]),
         "--precision", config["precision"], "--device", config["device"],
         *(["--depth", str(config["depth"])] if config.get("depth") else []),
+        *(["--freeze_blocks", str(config["freeze_blocks"])] if config["mode"] == "retrofit" else []),
     ])
 
 
@@ -44,7 +45,7 @@ def build_step(config: dict[str, Any]) -> tuple[Callable[[], Any], str, torch.de
     """Student, teacher, loss, optimizer and inputs for ``config``; returns a callable running one step."""
     from dino_sparo.loss import DINOLoss
     from dino_sparo.optim import build_optimizer, get_params_groups
-    from dino_sparo.train_setup import build_models, resolve_precision
+    from dino_sparo.train_setup import build_models, frozen_blocks, resolve_precision
     from dino_sparo.train_step import TrainStep
 
     from .reference_step import ReferenceStep
@@ -68,7 +69,8 @@ def build_step(config: dict[str, Any]) -> tuple[Callable[[], Any], str, torch.de
             teacher.compile()
         optimizer = build_optimizer(args.optimizer, groups, device)
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        step = TrainStep(args, student, student, teacher, dino_loss, optimizer, scaler, precision, device)
+        step = TrainStep(args, student, student, teacher, dino_loss, optimizer, scaler, precision, device,
+                         frozen_blocks(args))
     for index, group in enumerate(optimizer.param_groups):
         group["lr"] = args.lr * args.batch_size_per_gpu / 256
         group["weight_decay"] = args.weight_decay if index == 0 else 0.0
@@ -158,9 +160,13 @@ def bench_train(configs: list[dict[str, Any]], steps: int, warmup: int, log=prin
                          "seconds": speed["seconds_per_step"], "images_per_s": speed["images_per_s"],
                          "peak_mib": memory["peak_mib"], "memory": memory["memory"]})
     for row in rows:
-        base = next((r for r in rows if r["mode"] == "baseline" and r["arch"] == row["arch"]
-                     and r["readout"] == row["readout"]), None)
-        if row["mode"] == "fast" and base is not None:
+        # fast rows against the reference-style baseline; retrofit rows against the full fast step they shorten
+        reference_mode = {"fast": "baseline", "retrofit": "fast"}.get(row["mode"])
+        base = next((r for r in rows if r["mode"] == reference_mode and r["arch"] == row["arch"]
+                     and r["readout"] == row["readout"]
+                     and (reference_mode == "baseline" or (r["precision"], r["compile"]) ==
+                          (row["precision"], row["compile"]))), None)
+        if base is not None:
             row["speedup"] = base["seconds"] / row["seconds"]
             row["memory_ratio"] = row["peak_mib"] / base["peak_mib"]
     return rows
@@ -172,7 +178,8 @@ def _shape(config: dict[str, Any]) -> str:
 
 
 def _label(config: dict[str, Any]) -> str:
-    extra = " compile" if config["compile"] else ""
+    extra = (" compile" if config["compile"] else "") + (f" frozen {config['freeze_blocks']}"
+                                                          if config["mode"] == "retrofit" else "")
     return f"{config['arch']}/{config['readout']} {config['mode']} {config['precision']}{extra}"
 
 

@@ -32,6 +32,19 @@ def positive_int(value: str) -> int:
     return number
 
 
+def block_count_or_all(value: str) -> int | str:
+    """argparse type for ``--freeze_blocks``: an integer >= 0 or ``all``."""
+    if value == "all":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of blocks or all, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of blocks >= 0 or all, got {number}")
+    return number
+
+
 def slot_list(text: str) -> list[int]:
     """argparse type for ``--slots 3,17,42``: distinct slot indices >= 0, in the order given. Whether they exist
     is checked against the model once it is loaded (:func:`dino_sparo.eval.slots.check_slots`)."""

@@ -3,6 +3,8 @@ every epoch (log.txt and TensorBoard scalars), and every ``--viz_freq`` epochs t
 slots on those images (TensorBoard images), drawn by the same code as ``visualize_sparo.py``."""
 from __future__ import annotations
 
+import time
+
 import torch
 from PIL import Image
 from torchvision import transforms
@@ -32,15 +34,16 @@ class SlotMonitor:
         self.device, self.viz_freq, self.slots_drawn = device, viz_freq, slots_drawn
 
     def __call__(self, backbone: torch.nn.Module, epoch: int, log: TrainingLog) -> dict[str, float]:
-        """The statistics' means (also written as TensorBoard scalars under ``slots/``); with the maps every
-        ``viz_freq`` epochs (and at epoch 0)."""
+        """The statistics' means (also written as TensorBoard scalars under ``slots/``), with the maps every
+        ``viz_freq`` epochs (and at epoch 0), and ``slot_monitor_s``, the seconds this took (its cost)."""
+        start = time.perf_counter()
         draw = self.viz_freq > 0 and epoch % self.viz_freq == 0
         stats, attention = measure_slots(backbone, [self.images], self.device, return_attention=True)
         summary = stats.summary()
         log.scalars(summary, epoch, prefix="slots/")
         if draw:
             log.image("slots/most_peaked", self._grid(backbone, attention, stats.peakedness), epoch)
-        return summary
+        return {**summary, "slot_monitor_s": round(time.perf_counter() - start, 3)}
 
     def _grid(self, backbone: torch.nn.Module, attention: torch.Tensor, peakedness: torch.Tensor) -> Image.Image:
         """One row per slot (the most peaked first), one column per image."""

@@ -28,6 +28,7 @@ from .train_setup import (
     build_models,
     build_schedules,
     build_training_data,
+    frozen_blocks,
     jsonable_args,
     prepare_output_dir,
     resolve_data_paths,
@@ -65,7 +66,10 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
     student_module, teacher = build_models(args, ctx.device)
     initial_backbone = copy.deepcopy(teacher.backbone.state_dict()) if args.knn_data_path else None
     student, student_module, teacher = wrap_for_distributed(student_module, teacher, args, ctx)
-    say(f"student: {sum(p.numel() for p in student_module.parameters()) / 1e6:.2f} M parameters "
+    trainable = sum(p.numel() for p in student_module.parameters() if p.requires_grad)
+    frozen = f", {frozen_blocks(args)} blocks frozen (retrofit)" if args.freeze_blocks is not None else ""
+    say(f"student: {sum(p.numel() for p in student_module.parameters()) / 1e6:.2f} M parameters, "
+        f"{trainable / 1e6:.2f} M trainable{frozen} "
         f"({args.arch}/{args.patch_size}, depth {args.depth}, read-out {args.readout}, feature dim "
         f"{student_module.backbone.feature_dim}); precision {precision}; device {ctx.device}; "
         f"{ctx.world_size} process(es)")
@@ -80,7 +84,8 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     start_epoch, start_iteration = _resume_or_initialise(args, checkpoint_path, niter, student_module, teacher,
                                                          optimizer, scaler, dino_loss, ctx, say)
-    step = TrainStep(args, student, student_module, teacher, dino_loss, optimizer, scaler, precision, ctx.device)
+    step = TrainStep(args, student, student_module, teacher, dino_loss, optimizer, scaler, precision, ctx.device,
+                     frozen_blocks(args))
     result = TrainResult(student_module, teacher, dino_loss, start_epoch)
 
     def save(next_epoch: int, iteration: int = 0, path: str = checkpoint_path) -> None:

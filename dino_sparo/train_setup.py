@@ -57,6 +57,20 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("global_crop_size", "local_crop_size"):
         check(getattr(args, name) % args.patch_size == 0,
               f"--{name} {getattr(args, name)} is not a multiple of --patch_size {args.patch_size}")
+    if args.freeze_blocks not in (None, "all"):
+        kept = kept_blocks(args)
+        check(0 <= args.freeze_blocks <= kept, f"--freeze_blocks {args.freeze_blocks} is out of range: this model "
+              f"keeps {kept} blocks before its read-out (0 to {kept}, or all)")
+
+
+def kept_blocks(args: argparse.Namespace) -> int:
+    """Transformer blocks before the read-out: ``--depth``, less those SPARO replaces."""
+    return args.depth - (args.sparo_replace_blocks if args.readout == "sparo" else 0)
+
+
+def frozen_blocks(args: argparse.Namespace) -> int | None:
+    """How many blocks ``--freeze_blocks`` freezes (``all``: every block before the read-out); None: no freezing."""
+    return kept_blocks(args) if args.freeze_blocks == "all" else args.freeze_blocks
 
 
 def jsonable_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,8 +166,9 @@ def build_training_data(args: argparse.Namespace, ctx: DistributedContext, say: 
 
 
 def build_models(args: argparse.Namespace, device: torch.device) -> tuple[MultiCropWrapper, MultiCropWrapper]:
-    """Student (drop path, head with ``norm_last_layer``) and a separate teacher (no drop path, head with the
-    last-layer norm fixed) holding the student's weights; the teacher gets no gradients."""
+    """Student (drop path, head with ``norm_last_layer``; with ``--freeze_blocks``, its embeddings and first blocks
+    frozen) and a separate teacher (no drop path, head with the last-layer norm fixed) holding the student's
+    weights; the teacher gets no gradients."""
     config = resolve_model_config(args)
     backbone = build_backbone(config, drop_path_rate=args.drop_path_rate)
     head_sizes = dict(use_bn=args.use_bn_in_head, hidden_dim=args.head_hidden_dim,
@@ -163,6 +178,8 @@ def build_models(args: argparse.Namespace, device: torch.device) -> tuple[MultiC
     teacher = MultiCropWrapper(build_backbone(config, drop_path_rate=0.0),
                                DINOHead(backbone.feature_dim, args.out_dim, norm_last_layer=True, **head_sizes))
     teacher.load_state_dict(student.state_dict())
+    if frozen_blocks(args) is not None:
+        student.backbone.freeze_prefix(frozen_blocks(args))
     student.to(device)
     teacher.to(device)
     teacher.requires_grad_(False)

@@ -18,13 +18,16 @@ class TrainStep:
     per-parameter clipping, the last-layer freeze, the optimizer step and the teacher EMA.
 
     ``student`` is what runs the forward (DistributedDataParallel when distributed), ``student_module`` the
-    module inside it, whose parameters the teacher averages.
+    module inside it, whose trainable parameters the teacher averages. With ``frozen_blocks`` (a retrofit), the
+    frozen embeddings and blocks run once per crop group without a graph and both networks start from their
+    output: they are identical in student and teacher, so only the trainable part is computed twice.
     """
 
     def __init__(self, args: argparse.Namespace, student: nn.Module, student_module: nn.Module, teacher: nn.Module,
                  dino_loss: DINOLoss, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                 precision: str, device: torch.device) -> None:
+                 precision: str, device: torch.device, frozen_blocks: int | None = None) -> None:
         self.clip_grad, self.freeze_last_layer = args.clip_grad, args.freeze_last_layer
+        self.frozen_blocks = frozen_blocks
         self.student, self.student_module, self.teacher = student, student_module, teacher
         self.dino_loss, self.optimizer, self.scaler = dino_loss, optimizer, scaler
         dtype = AUTOCAST_DTYPES.get(precision)
@@ -32,14 +35,19 @@ class TrainStep:
         student_named = dict(student_module.named_parameters())
         teacher_named = dict(teacher.named_parameters())
         assert student_named.keys() == teacher_named.keys()
-        self.ema_pairs = ([student_named[k] for k in student_named], [teacher_named[k] for k in student_named])
+        trainable = [name for name, param in student_named.items() if param.requires_grad]
+        self.ema_pairs = ([student_named[k] for k in trainable], [teacher_named[k] for k in trainable])
 
     def __call__(self, crops: list[torch.Tensor], epoch: int, momentum: float) -> dict[str, torch.Tensor]:
         """Returns the loss and the health signals as device tensors (read them at logging intervals only)."""
         with self.autocast():
+            shared = {}
+            if self.frozen_blocks is not None:
+                prefix = self.student_module.frozen_prefix(crops, self.frozen_blocks)
+                shared = {"prefix": prefix, "prefix_blocks": self.frozen_blocks}
             with torch.no_grad():
-                teacher_output = self.teacher(crops[:2])
-            student_output = self.student(crops)
+                teacher_output = self.teacher(crops[:2], **shared)
+            student_output = self.student(crops, **shared)
             signals = training_signals(self.dino_loss, student_output, teacher_output, epoch)
             loss = self.dino_loss(student_output, teacher_output, epoch)
         self.optimizer.zero_grad(set_to_none=True)

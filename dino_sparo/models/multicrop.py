@@ -7,12 +7,28 @@ import torch
 from torch import nn
 
 
+def resolution_groups(crops: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """``[start, end)`` spans of consecutive crops of equal size (2 global crops: one span; N local: another)."""
+    spans, start = [], 0
+    while start < len(crops):
+        end = start + 1
+        while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+            end += 1
+        spans.append((start, end))
+        start = end
+    return spans
+
+
 class MultiCropWrapper(nn.Module):
     """``backbone`` then ``head`` over a list of crops.
 
     Consecutive crops of equal size are concatenated into one backbone pass (2 global crops: one pass;
     N local crops: another), and the head runs once on the features of all crops, so its batch statistics
     (BatchNorm) and kernels see the whole multi-crop batch. Outputs are in crop order.
+
+    With a frozen prefix (a retrofit: :meth:`VisionTransformer.freeze_prefix`), :meth:`frozen_prefix` computes
+    the frozen blocks' outputs once, without a graph, and :meth:`forward` takes them as ``prefix``: the student
+    and the teacher (whose frozen parts are identical) share one computation of them.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
@@ -20,15 +36,23 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    @torch.no_grad()
+    def frozen_prefix(self, crops: Sequence[torch.Tensor], num_blocks: int) -> list[torch.Tensor]:
+        """The tokens after the first ``num_blocks`` (frozen) blocks, one tensor per resolution group."""
+        return [self.backbone.prefix_tokens(torch.cat(list(crops[start:end])), num_blocks)
+                for start, end in resolution_groups(crops)]
+
+    def forward(self, crops: torch.Tensor | Sequence[torch.Tensor], prefix: Sequence[torch.Tensor] | None = None,
+                prefix_blocks: int = 0) -> torch.Tensor:
+        """Head outputs of ``crops``; with ``prefix`` (from :meth:`frozen_prefix` of these crops, or of a list that
+        starts with them) the backbone starts after ``prefix_blocks`` blocks."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         features = []
-        start = 0
-        while start < len(crops):
-            end = start + 1
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            features.append(self.backbone(torch.cat(list(crops[start:end]))))
-            start = end
+        for index, (start, end) in enumerate(resolution_groups(crops)):
+            if prefix is None:
+                features.append(self.backbone(torch.cat(list(crops[start:end]))))
+            else:
+                rows = sum(crop.shape[0] for crop in crops[start:end])
+                features.append(self.backbone.forward_from(prefix[index][:rows], prefix_blocks))
         return self.head(torch.cat(features))

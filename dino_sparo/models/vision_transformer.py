@@ -99,6 +99,34 @@ class VisionTransformer(TimmVisionTransformer):
         """Final-normed token outputs (B, N, D) of the remaining blocks: what the read-out sees."""
         return self.norm(self.blocks(self.prepare_tokens(x)))
 
+    def prefix_tokens(self, x: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        """Tokens after the embeddings and the first ``num_blocks`` blocks: the input of :meth:`forward_from`."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks[:num_blocks]:
+            x = block(x)
+        return x
+
+    def forward_from(self, tokens: torch.Tensor, first_block: int) -> torch.Tensor:
+        """The read-out of ``tokens`` from :meth:`prefix_tokens` (``first_block`` blocks already applied) run
+        through the remaining blocks: ``forward(x) == forward_from(prefix_tokens(x, k), k)`` for every k."""
+        for block in self.blocks[first_block:]:
+            tokens = block(tokens)
+        return self.readout_features(self.norm(tokens))
+
+    def freeze_prefix(self, num_blocks: int) -> None:
+        """Freezes the patch and position embeddings, the CLS token and the first ``num_blocks`` blocks (no
+        gradients), and turns off stochastic depth inside those blocks, whose outputs are then computed once and
+        shared (see :class:`~dino_sparo.models.multicrop.MultiCropWrapper`)."""
+        if not 0 <= num_blocks <= len(self.blocks):
+            raise ValueError(f"cannot freeze {num_blocks} blocks: the model keeps {len(self.blocks)} before its "
+                             f"read-out")
+        for module in (self.patch_embed, *self.blocks[:num_blocks]):
+            module.requires_grad_(False)
+        self.cls_token.requires_grad_(False)
+        self.pos_embed.requires_grad_(False)
+        for block in self.blocks[:num_blocks]:
+            block.drop_path1, block.drop_path2 = nn.Identity(), nn.Identity()
+
     def readout_features(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.readout == "cls":
             return tokens[:, 0]
