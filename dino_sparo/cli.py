@@ -21,28 +21,24 @@ def bool_flag(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
-def positive_int(value: str) -> int:
-    """argparse type for an integer >= 1."""
+def _integer_at_least(value: str, minimum: int, what: str = "an integer") -> int:
     try:
         number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {number}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}, got {number}")
     return number
+
+
+def positive_int(value: str) -> int:
+    """argparse type for an integer >= 1."""
+    return _integer_at_least(value, 1)
 
 
 def block_count_or_all(value: str) -> int | str:
     """argparse type for ``--freeze_blocks``: an integer >= 0 or ``all``."""
-    if value == "all":
-        return value
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of blocks or all, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of blocks >= 0 or all, got {number}")
-    return number
+    return value if value == "all" else _integer_at_least(value, 0, "a number of blocks (or all)")
 
 
 def slot_list(text: str) -> list[int]:
