@@ -46,8 +46,9 @@ def test_sparo_matches_per_slot_loop(share_kv, slot_norm):
 def test_sparo_initialisation():
     sparo = SPARO(embed_dim=64, num_slots=16, slot_dim=8, attn_dim=32)
     assert torch.all(sparo.key_proj.bias == 0) and torch.all(sparo.out_proj.bias == 0)
-    bound = math.sqrt(6 / (64 + 16 * 32))
-    assert sparo.key_proj.weight.abs().max() <= bound
+    bound = 4 * math.sqrt(6 / (64 + 16 * 32))  # xavier-uniform with the default gain 4
+    assert 0.9 * bound < sparo.key_proj.weight.abs().max() <= bound
+    assert sparo.out_proj.weight.abs().max() <= math.sqrt(6 / (32 + 8))  # gain 1
     assert 0.8 < sparo.queries.std().item() < 1.2  # N(0, 1)
 
 

@@ -81,8 +81,8 @@ def add_model_args(parser: argparse.ArgumentParser, from_checkpoint: bool = Fals
                            help="std of the queries' N(0, std) initialisation (with the key gain it sets the initial "
                            "attention temperature)" + shown("sparo_query_init_std"))
         group.add_argument("--sparo_key_init_gain", type=float, default=MODEL_DEFAULTS["sparo_key_init_gain"],
-                           help="gain of the key projection's xavier-uniform initialisation"
-                           + shown("sparo_key_init_gain"))
+                           help="gain of the key projection's xavier-uniform initialisation (the paper: 1; 4 lets "
+                           "the slots separate within short schedules)" + shown("sparo_key_init_gain"))
     group.add_argument("--sparo_replace_blocks", type=positive_int, default=default("sparo_replace_blocks"),
                        help="final blocks removed for SPARO" + shown("sparo_replace_blocks"))
     group.add_argument("--pos_embed_interpolation", choices=POS_EMBED_INTERPOLATIONS,

@@ -26,7 +26,7 @@ class SPARO(nn.Module):
         slot_norm: bool = True,
         logit_scale: bool = False,
         query_init_std: float = 1.0,
-        key_init_gain: float = 1.0,
+        key_init_gain: float = 4.0,
     ) -> None:
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_slots", num_slots), ("slot_dim", slot_dim),
@@ -40,8 +40,9 @@ class SPARO(nn.Module):
         self.share_kv = share_kv
         self.slot_norm = slot_norm
 
-        # The paper's initialisation: queries N(0, 1), xavier-uniform projections, zero biases. The scales of
-        # queries and keys set the initial attention temperature (their product is the logit), so both are options.
+        # The paper's initialisation is queries N(0, 1), xavier-uniform projections and zero biases. Over the whole
+        # (L*H, D) key matrix xavier gives logits so small that every slot starts near uniform attention, and short
+        # schedules never leave it; a key gain of 4 (README: "Do my slots specialise?") makes the slots separate.
         self.queries = nn.Parameter(torch.randn(num_slots, attn_dim) * query_init_std)
         # Optional learnable per-slot temperature, multiplying the logits; starts at 1 (the paper's maths).
         self.logit_scale = nn.Parameter(torch.ones(num_slots)) if logit_scale else None

@@ -48,7 +48,7 @@ class VisionTransformer(TimmVisionTransformer):
         sparo_slot_norm: bool = True,
         sparo_logit_scale: bool = False,
         sparo_query_init_std: float = 1.0,
-        sparo_key_init_gain: float = 1.0,
+        sparo_key_init_gain: float = 4.0,
         sparo_replace_blocks: int = 1,
         pos_embed_interpolation: Literal["dino", "timm"] = "dino",
     ) -> None:
