@@ -61,17 +61,18 @@ def _launcher_env(local_rank_flag: int = 0) -> tuple[int, int, int] | None:
     return None
 
 
-def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """``auto`` = this process's GPU when CUDA is available, else the CPU; ``cuda`` picks the local-rank GPU."""
+def resolve_device(requested: str, local_rank: int = 0, flag: str = "--device") -> torch.device:
+    """``auto`` = this process's GPU when CUDA is available, else the CPU; ``cuda`` picks the local-rank GPU.
+    ``flag`` names the option in errors."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise UserError(f"--device {requested!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+        raise UserError(f"{flag} {requested!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but CUDA is not available")
+            raise UserError(f"{flag} {requested} was asked for but CUDA is not available")
         if device.index is None:
             # A launcher may already restrict CUDA_VISIBLE_DEVICES to this process's GPU.
             device = torch.device("cuda", local_rank % torch.cuda.device_count())

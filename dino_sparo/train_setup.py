@@ -140,14 +140,13 @@ def build_training_data(args: argparse.Namespace, ctx: DistributedContext, say: 
     crop_args = (tuple(args.global_crops_scale), tuple(args.local_crops_scale), args.local_crops_number,
                  args.global_crop_size, args.local_crop_size)
     if args.augment_device == "pil":
-        transform, views = DataAugmentationDINO(*crop_args), StepViews(None, ctx.device, ctx.device, args.seed,
-                                                                        ctx.rank)
+        transform, augmentation, augment_device = DataAugmentationDINO(*crop_args), None, ctx.device
     else:
-        augment_device = ctx.device if args.augment_device == "auto" else resolve_device(args.augment_device,
-                                                                                           ctx.local_rank)
         transform = MultiCropUint8(*crop_args)
-        views = StepViews(DeviceAugmentation(args.local_crops_number, args.global_crop_size), augment_device,
-                          ctx.device, args.seed, ctx.rank)
+        augmentation = DeviceAugmentation(args.local_crops_number, args.global_crop_size)
+        augment_device = (ctx.device if args.augment_device == "auto"
+                          else resolve_device(args.augment_device, ctx.local_rank, "--augment_device"))
+    views = StepViews(augmentation, augment_device, ctx.device, args.seed, ctx.rank)
     dataset = ImageDataset(args.data_path, transform, count_skipped=True)
     sampler = ResumableDistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                           seed=args.seed)
