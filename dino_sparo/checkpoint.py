@@ -15,7 +15,7 @@ import os
 import pickle
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -184,7 +184,7 @@ def load_student_weights(student: nn.Module, path: str | os.PathLike, checkpoint
     """Starts a multi-crop wrapper (``backbone`` + ``head``) from ``path``: the backbone leniently, the DINO head
     too when its shapes fit (reference-named ``mlp.*`` and ``last_layer.weight_g/_v`` included)."""
     weights = read_weights(path, checkpoint_key)
-    load_pretrained_weights(student.backbone, weights, verbose=verbose)
+    load_pretrained_weights(student.backbone, replace(weights, head={}), verbose=verbose)  # the head is loaded below
     if not weights.head:
         return
     own = student.head.state_dict()

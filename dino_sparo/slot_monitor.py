@@ -7,10 +7,9 @@ import time
 
 import torch
 from PIL import Image
-from torchvision import transforms
 
-from .data.datasets import ImageDataset
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .data.datasets import ImageDataset, evenly_spaced
+from .data.transforms import eval_view, normalize
 from .eval.slot_stats import measure_slots
 from .logging import TrainingLog
 from .viz import render
@@ -23,14 +22,9 @@ class SlotMonitor:
 
     def __init__(self, data_path: str, crop_size: int, device: torch.device, count: int = 16, viz_freq: int = 5,
                  slots_drawn: int = 8) -> None:
-        view = transforms.Compose([transforms.Resize(round(crop_size * 256 / 224),
-                                                     interpolation=transforms.InterpolationMode.BICUBIC),
-                                   transforms.CenterCrop(crop_size)])
-        dataset = ImageDataset(data_path, view)
-        step = max(1, len(dataset) // count)
-        self.pixels: list[Image.Image] = [dataset[index][0] for index in range(0, len(dataset), step)][:count]
-        normalise = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        self.images = torch.stack([normalise(image) for image in self.pixels])
+        chosen = evenly_spaced(ImageDataset(data_path, eval_view(round(crop_size * 256 / 224), crop_size)), count)
+        self.pixels: list[Image.Image] = [image for image, _ in chosen]
+        self.images = torch.stack([normalize()(image) for image in self.pixels])
         self.device, self.viz_freq, self.slots_drawn = device, viz_freq, slots_drawn
 
     def __call__(self, backbone: torch.nn.Module, epoch: int, log: TrainingLog) -> dict[str, float]:

@@ -39,11 +39,10 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Subset
 
 import eval_knn
 import main_dino
-from dino_sparo.data.datasets import ImageDataset, ordered_loader
+from dino_sparo.data.datasets import ImageDataset, evenly_spaced, ordered_loader
 from dino_sparo.data.demo import ensure_demo_dataset
 from dino_sparo.data.images import images_under
 from dino_sparo.data.transforms import eval_transform
@@ -208,8 +207,7 @@ def statistics_at_init(argv: list[str], images_dir: Path) -> dict[str, float]:
     torch.manual_seed(args.seed)
     backbone = build_backbone(resolve_model_config(args))
     images = ImageDataset(str(images_dir), eval_transform(RESIZE_SIZE, CROP_SIZE))
-    indices = list(range(0, len(images), max(1, len(images) // STATISTICS_IMAGES)))[:STATISTICS_IMAGES]
-    loader = ordered_loader(Subset(images, indices), batch_size=128, num_workers=0)
+    loader = ordered_loader(evenly_spaced(images, STATISTICS_IMAGES), batch_size=128, num_workers=0)
     return measure_slots(backbone, (batch for batch, _ in loader), "cpu").summary()
 
 

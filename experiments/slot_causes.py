@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Subset
 
 import main_dino
-from dino_sparo.data.datasets import ImageDataset, ordered_loader
+from dino_sparo.data.datasets import ImageDataset, evenly_spaced, ordered_loader
 from dino_sparo.data.transforms import eval_transform
 from dino_sparo.models.config import build_backbone, resolve_model_config
 from experiments.slot_ablation import (
@@ -48,8 +47,7 @@ VIT_SMALL_DEFAULTS = {"arch": "vit_small", "patch_size": 16, "depth": 12, "reado
 def load_images(folder: Path, resize_size: int, crop_size: int) -> torch.Tensor:
     """Up to :data:`IMAGES` images of ``folder``, evenly spaced, in the evaluation view."""
     images = ImageDataset(str(folder), eval_transform(resize_size, crop_size))
-    indices = list(range(0, len(images), max(1, len(images) // IMAGES)))[:IMAGES]
-    return next(iter(ordered_loader(Subset(images, indices), batch_size=IMAGES, num_workers=0)))[0]
+    return next(iter(ordered_loader(evenly_spaced(images, IMAGES), batch_size=IMAGES, num_workers=0)))[0]
 
 
 @torch.no_grad()

@@ -156,6 +156,11 @@ def shard(dataset: Dataset, rank: int, world_size: int) -> Subset:
     return Subset(dataset, range(start, end))
 
 
+def evenly_spaced(dataset: Dataset, count: int) -> Subset:
+    """Up to ``count`` items of ``dataset``, evenly spaced over it (a fixed sample for measurements)."""
+    return Subset(dataset, list(range(0, len(dataset), max(1, len(dataset) // count)))[:count])
+
+
 def ordered_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """Unshuffled loader that keeps every sample (no drop_last): for feature extraction and validation."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,

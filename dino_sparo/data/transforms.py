@@ -12,13 +12,17 @@ def normalize() -> transforms.Compose:
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def eval_transform(resize_size: int = 256, crop_size: int = 224) -> transforms.Compose:
-    """DINO's evaluation view: bicubic Resize(resize_size), CenterCrop(crop_size), ImageNet normalisation."""
+def eval_view(resize_size: int = 256, crop_size: int = 224) -> transforms.Compose:
+    """DINO's evaluation view as a PIL image: bicubic Resize(resize_size), CenterCrop(crop_size)."""
     return transforms.Compose([
         transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(crop_size),
-        normalize(),
     ])
+
+
+def eval_transform(resize_size: int = 256, crop_size: int = 224) -> transforms.Compose:
+    """DINO's evaluation view, normalised: :func:`eval_view` then ImageNet normalisation."""
+    return transforms.Compose([eval_view(resize_size, crop_size), normalize()])
 
 
 def linear_train_transform(crop_size: int = 224) -> transforms.Compose:

@@ -8,12 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import Subset
 
 from .. import distributed
 from ..checkpoint import write_json_atomic
 from ..cli import ensure_writable_dir
-from ..data.datasets import ImageDataset, labelled_splits, ordered_loader, shard
+from ..data.datasets import ImageDataset, evenly_spaced, labelled_splits, ordered_loader, shard
 from ..data.transforms import eval_transform
 from ..distributed import DistributedContext, shard_bounds
 from ..errors import UserError
@@ -160,8 +159,7 @@ def _slot_statistics(model: torch.nn.Module, args: argparse.Namespace, device: t
                      count: int = 256) -> SlotStatistics:
     """The slot statistics on up to ``count`` val images, evenly spaced over the set."""
     val = ImageDataset(os.path.join(args.data_path, "val"), eval_transform(args.resize_size, args.crop_size))
-    indices = list(range(0, len(val), max(1, len(val) // count)))[:count]
-    loader = ordered_loader(Subset(val, indices), args.batch_size_per_gpu, args.num_workers)
+    loader = ordered_loader(evenly_spaced(val, count), args.batch_size_per_gpu, args.num_workers)
     return measure_slots(model, (images for images, _ in loader), device)
 
 
