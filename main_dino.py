@@ -15,7 +15,7 @@ from dino_sparo.distributed import destroy_distributed
 from dino_sparo.errors import run_cli
 from dino_sparo.models.config import add_model_args
 from dino_sparo.train import train_dino
-from dino_sparo.train_setup import AUGMENT_DEVICES, PRECISIONS
+from dino_sparo.train.setup import AUGMENT_DEVICES, PRECISIONS
 
 # The built-in demo: a small model and a recipe that learns visibly on the generated images within a few CPU
 # minutes (about 300 steps). DINO's ImageNet defaults collapse or barely move on a few thousand tiny images (the
@@ -73,11 +73,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--warmup_epochs", type=int, default=10, help="epochs of linear learning-rate warm-up")
     group.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate (cosine schedule)")
     group.add_argument("--optimizer", choices=("adamw", "sgd", "lars"), default="adamw", help="optimizer")
-    group.add_argument("--sparo_lr_mult", type=float, default=1.0,
-                       help="learning-rate multiplier of the SPARO read-out's parameters (queries, projections)")
-    group.add_argument("--sparo_weight_decay", type=bool_flag, default=True,
-                       help="weight decay on SPARO's queries and key/value projections (their product is the "
-                       "attention temperature); false exempts them")
     group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth of the student")
 
     group = parser.add_argument_group("multi-crop")

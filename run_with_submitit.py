@@ -16,7 +16,7 @@ import submitit
 from dino_sparo.distributed import destroy_distributed
 from dino_sparo.errors import Preempted, UserError, run_cli
 from dino_sparo.train import train_dino
-from dino_sparo.train_setup import validate_args
+from dino_sparo.train.setup import validate_args
 from main_dino import get_args_parser
 
 CODE_DIR = os.path.dirname(os.path.abspath(__file__))

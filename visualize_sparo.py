@@ -46,8 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    visualize(get_args_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> dict:
+    return visualize(get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
 """A DINO training step executed the way the reference code does, kept only as the benchmark baseline.
 
-fp32, explicit softmax attention in every timm block (``fused_attn = False``), SPARO computed by projecting
-every token to every slot's keys, the loss as a double loop over crop pairs, per-parameter clipping with a
-host sync per parameter, the default (single-tensor) AdamW, a Python-loop teacher EMA and a ``loss.item()``
-sync every step. The models are the very same modules the fast path trains.
+fp32, explicit softmax attention in every timm block (``fused_attn = False``), each read-out as first written
+(SPARO projecting every token to every slot's keys), the loss as a double loop over crop pairs, per-parameter
+clipping with a host sync per parameter, the default (single-tensor) AdamW, a Python-loop teacher EMA and a
+``loss.item()`` sync every step. The models are the very same modules the fast path trains.
 """
 from __future__ import annotations
 
 import math
-import types
 
 import torch
 import torch.nn.functional as F
@@ -16,30 +15,17 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from dino_sparo.loss import DINOLoss
-from dino_sparo.models import SPARO
-
-
-def _per_token_sparo_forward(self: SPARO, tokens: torch.Tensor) -> torch.Tensor:
-    """SPARO as first written: keys (B, L, N, H) for every token and slot, then the weighted sum."""
-    batch, num_tokens, _ = tokens.shape
-    keys = self.key_proj(tokens).view(batch, num_tokens, self.num_slots, self.attn_dim).transpose(1, 2)
-    values = keys if self.value_proj is None else \
-        self.value_proj(tokens).view(batch, num_tokens, self.num_slots, self.attn_dim).transpose(1, 2)
-    attention = (torch.einsum("blnh,lh->bln", keys, self.queries) / math.sqrt(self.attn_dim)).softmax(dim=-1)
-    slots = self.out_proj(torch.einsum("bln,blnh->blh", attention, values))
-    if self.slot_norm:
-        slots = F.normalize(slots, dim=-1) * math.sqrt(1.0 / self.num_slots)
-    return slots.flatten(1)
+from dino_sparo.models import Readout
 
 
 def make_reference_style(model: nn.Module) -> None:
-    """Switches every timm attention of ``model`` to explicit softmax attention and every SPARO to the
-    per-token formulation (same parameters, same maths)."""
+    """Switches every timm attention of ``model`` to explicit softmax attention and every read-out to its
+    straightforward formulation (:meth:`Readout.reference_forward`: same parameters, same maths)."""
     for module in model.modules():
         if isinstance(module, Attention):
             module.fused_attn = False
-        if isinstance(module, SPARO):
-            module.forward = types.MethodType(_per_token_sparo_forward, module)
+        if isinstance(module, Readout):
+            module.forward = module.reference_forward
 
 
 def reference_dino_loss(loss: DINOLoss, student_output: torch.Tensor, teacher_output: torch.Tensor,

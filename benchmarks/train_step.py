@@ -45,8 +45,8 @@ def build_step(config: dict[str, Any]) -> tuple[Callable[[], Any], str, torch.de
     """Student, teacher, loss, optimizer and inputs for ``config``; returns a callable running one step."""
     from dino_sparo.loss import DINOLoss
     from dino_sparo.optim import build_optimizer, get_params_groups
-    from dino_sparo.train_setup import build_models, frozen_blocks, resolve_precision
-    from dino_sparo.train_step import TrainStep
+    from dino_sparo.train.setup import build_models, frozen_blocks, resolve_precision
+    from dino_sparo.train.step import TrainStep
 
     from .reference_step import ReferenceStep
 
@@ -59,7 +59,7 @@ def build_step(config: dict[str, Any]) -> tuple[Callable[[], Any], str, torch.de
     ncrops = 2 + args.local_crops_number
     dino_loss = DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs).to(device)
-    groups = get_params_groups(student)
+    groups = get_params_groups(student, args)
     if baseline:
         step = ReferenceStep(student, teacher, dino_loss, groups, args.clip_grad, args.freeze_last_layer)
         optimizer = step.optimizer

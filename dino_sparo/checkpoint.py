@@ -5,12 +5,11 @@ Reading: every file goes through :func:`read_checkpoint` (``torch.load(weights_o
 :func:`load_pretrained_weights` loads a backbone leniently (start from a DINO model) or strictly (evaluate a frozen
 one), :func:`load_student_weights` adds the DINO head, and :func:`restart_from_checkpoint` (:func:`restore_state`)
 resumes training state.
-Writing: :func:`save_atomic` and :func:`write_json_atomic` write a temporary file, fsync it and rename it into
-place, so a crash mid-write leaves the previous file intact.
+Writing: :func:`save_atomic` writes a temporary file, fsyncs it and renames it into place
+(:mod:`dino_sparo.utils.files`), so a crash mid-write leaves the previous file intact.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .utils.files import replace_atomically
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 _BACKBONE_PREFIX = "backbone."  # the multi-crop wrapper's
@@ -125,7 +125,7 @@ def summarise_keys(keys: list[str]) -> str:
     """Collapses ``blocks.11.*`` style groups so a report stays readable."""
     groups: dict[str, int] = {}
     for key in keys:
-        match = re.match(r"^(blocks\.\d+|sparo|head|mlp|last_layer)\.", key)
+        match = re.match(r"^(blocks\.\d+|[^.]+)\.", key)
         group = f"{match.group(1)}.*" if match else key
         groups[group] = groups.get(group, 0) + 1
     return ", ".join(f"{group} ({count})" if count > 1 else group for group, count in groups.items())
@@ -169,10 +169,11 @@ def load_pretrained_weights(model: nn.Module, source: Weights | str | os.PathLik
     if weights.head:
         report.notes.append(f"ignored {len(weights.head)} DINO head tensors (head.*): a backbone has no head")
     dropped_blocks = sorted({int(m.group(1)) for k in report.unused if (m := re.match(r"^blocks\.(\d+)\.", k))})
-    if dropped_blocks and getattr(model, "sparo", None) is not None:
-        fresh = sum(k.startswith("sparo.") for k in report.missing)
-        report.notes.append(f"dropped block(s) {', '.join(map(str, dropped_blocks))} and the final CLS path: "
-                            f"replaced by the SPARO read-out, which starts from its initialisation ({fresh} SPARO "
+    readout = getattr(model, "readout_module", None)
+    if dropped_blocks and readout is not None:
+        fresh = sum(k.startswith(f"{readout.state_prefix}.") for k in report.missing)
+        report.notes.append(f"dropped block(s) {', '.join(map(str, dropped_blocks))}: replaced by the "
+                            f"{readout.name.upper()} read-out, which starts from its initialisation ({fresh} "
                             f"tensors)")
     if verbose:
         print(f"weights from {where}:\n{report}", flush=True)
@@ -251,57 +252,48 @@ def _normalised(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _temporary_path(path: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+@dataclass
+class ResumePoint:
+    """Where a resumed run starts: ``epoch`` (the next one to run) and, inside a preempted epoch, ``iteration``."""
+    epoch: int
+    iteration: int
+    scaler_restored: bool
 
 
-def _replace_atomically(path: str | os.PathLike, write: Any, binary: bool) -> None:
-    path = os.fspath(path)
-    temporary = _temporary_path(path)
-    try:
-        with open(temporary, "wb" if binary else "w") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+@dataclass
+class TrainState:
+    """What main_dino.py checkpoints and resumes, defined once: ``checkpoint.pth`` holds ``student``, ``teacher``,
+    ``optimizer``, ``dino_loss`` (its center) and ``fp16_scaler`` state dicts, ``args`` (a plain dict), ``epoch``
+    (the next epoch to run) and, for a preempted epoch, ``iteration`` (where to resume it): the reference's
+    entries, loadable with ``torch.load(weights_only=True)``."""
+    student: nn.Module
+    teacher: nn.Module
+    optimizer: torch.optim.Optimizer
+    dino_loss: nn.Module
+    fp16_scaler: Any | None  # a torch.amp.GradScaler for fp16 training
+    args: dict[str, Any]
+
+    def save(self, path: str | os.PathLike, epoch: int, iteration: int = 0) -> None:
+        state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "epoch": epoch, "args": self.args,
+                 "dino_loss": self.dino_loss.state_dict(),
+                 "fp16_scaler": self.fp16_scaler.state_dict() if self.fp16_scaler is not None else None}
+        if iteration:
+            state["iteration"] = iteration
+        save_atomic(state, path)
+
+    def resume(self, path: str | os.PathLike, expected_args: Mapping[str, Any]) -> ResumePoint | None:
+        """Restores every part from ``path``; None when there is no checkpoint there (see
+        :func:`restart_from_checkpoint` for the checks)."""
+        checkpoint = restart_from_checkpoint(path, expected_args, optional=("fp16_scaler",), student=self.student,
+                                             teacher=self.teacher, optimizer=self.optimizer,
+                                             dino_loss=self.dino_loss, fp16_scaler=self.fp16_scaler)
+        if checkpoint is None:
+            return None
+        return ResumePoint(int(checkpoint["epoch"]), int(checkpoint.get("iteration", 0)),
+                           checkpoint.get("fp16_scaler") is not None)
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj)`` to a temporary file next to ``path``, fsynced, then renamed over ``path``."""
-    _replace_atomically(path, lambda handle: torch.save(obj, handle), binary=True)
-
-
-def write_json_atomic(payload: Any, path: str | os.PathLike) -> None:
-    """``payload`` as indented JSON, written like :func:`save_atomic`."""
-    _replace_atomically(path, lambda handle: handle.write(json.dumps(payload, indent=1) + "\n"), binary=False)
-
-
-_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
-    """Deletes the temporary files of :func:`save_atomic` that a process killed mid-write left behind (their
-    writer is no longer running); returns their names. Resuming never reads them: they only waste space."""
-    removed = []
-    for name in sorted(os.listdir(directory)):
-        match = _TEMPORARY.match(name)
-        if match and (int(match.group(1)) == os.getpid() or not _process_exists(int(match.group(1)))):
-            try:
-                os.remove(os.path.join(directory, name))
-                removed.append(name)
-            except FileNotFoundError:
-                pass
-    return removed
+    replace_atomically(path, lambda handle: torch.save(obj, handle), binary=True)

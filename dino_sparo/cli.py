@@ -1,5 +1,5 @@
-"""argparse building blocks the scripts share: boolean and positive-integer flag types, and an early check that
-an output folder can be written. Imports no torch, so a script's ``--help`` stays fast."""
+"""argparse building blocks the scripts share: boolean and integer flag types, and an early check that an output
+folder can be written. Imports nothing heavy (no torch)."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +34,11 @@ def _integer_at_least(value: str, minimum: int, what: str = "an integer") -> int
 def positive_int(value: str) -> int:
     """argparse type for an integer >= 1."""
     return _integer_at_least(value, 1)
+
+
+def non_negative_int(value: str) -> int:
+    """argparse type for an integer >= 0."""
+    return _integer_at_least(value, 0)
 
 
 def block_count_or_all(value: str) -> int | str:

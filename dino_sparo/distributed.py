@@ -46,10 +46,6 @@ def get_rank() -> int:
     return dist.get_rank() if is_dist_initialized() else 0
 
 
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
 def _launcher_env(local_rank_flag: int = 0) -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) set by torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or Slurm srun, else None."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

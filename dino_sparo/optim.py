@@ -1,38 +1,49 @@
 """Parameter groups, optimizers and the gradient/EMA operations of a DINO step."""
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
+import argparse
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-# The SPARO tensors whose product sets the attention temperature: decaying them cools every slot's softmax.
-_SPARO_TEMPERATURE = re.compile(r"(^|\.)sparo\.(queries|key_proj\.weight|value_proj\.weight)$")
 
-
-def get_params_groups(model: nn.Module, sparo_lr_mult: float = 1.0, sparo_weight_decay: bool = True) -> list[dict]:
+def get_params_groups(model: nn.Module, config: argparse.Namespace | Mapping[str, Any] | None = None) -> list[dict]:
     """DINO's groups: weights (decayed, ``regularized``; group 0) and biases / 1-D parameters (no decay).
 
-    With ``sparo_lr_mult`` != 1 the SPARO read-out's parameters get groups of their own whose learning rate is
-    that multiple of the schedule's (``lr_mult``); with ``sparo_weight_decay`` false its queries and key/value
-    projections are not decayed. The defaults give exactly the reference's two groups.
+    The read-out of each backbone in ``model`` has the last word on its own parameters
+    (:meth:`~dino_sparo.models.readouts.Readout.parameter_group`, given the run's ``config``): a learning-rate
+    multiplier other than 1 puts them in groups of their own (``lr_mult``), and it may exempt some from decay.
+    Without ``config``, or with the read-outs' defaults, these are exactly the reference's two groups.
     """
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    from .models.readouts import Readout
+    from .models.vision_transformer import READOUT_OPTION_DEFAULTS
+
+    rules: dict[str, Any] = {}  # parameter name -> (the read-out that owns it, its name there)
+    if config is not None:
+        config = {**READOUT_OPTION_DEFAULTS, **(vars(config) if isinstance(config, argparse.Namespace) else config)}
+        for module_name, module in model.named_modules():
+            if isinstance(module, Readout):
+                for name, _ in module.named_parameters():
+                    rules[f"{module_name}.{name}" if module_name else name] = (module, name)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        readout = sparo_lr_mult != 1.0 and (name.startswith("sparo.") or ".sparo." in name)
-        decayed = not (name.endswith(".bias") or param.ndim == 1)
-        if not sparo_weight_decay and _SPARO_TEMPERATURE.search(name):
-            decayed = False
-        groups.setdefault((readout, decayed), []).append(param)
-    result = [{"params": groups.get((False, True), []), "regularized": True},
-              {"params": groups.get((False, False), []), "weight_decay": 0.0}]
-    if (True, True) in groups:
-        result.append({"params": groups[(True, True)], "regularized": True, "lr_mult": sparo_lr_mult})
-    if (True, False) in groups:
-        result.append({"params": groups[(True, False)], "weight_decay": 0.0, "lr_mult": sparo_lr_mult})
+        lr_mult, decayed = 1.0, None
+        if name in rules:
+            readout, own_name = rules[name]
+            lr_mult, decayed = readout.parameter_group(config, own_name, param)
+        if decayed is None:
+            decayed = not (name.endswith(".bias") or param.ndim == 1)
+        groups.setdefault((lr_mult, decayed), []).append(param)
+    result = [{"params": groups.pop((1.0, True), []), "regularized": True},
+              {"params": groups.pop((1.0, False), []), "weight_decay": 0.0}]
+    for (lr_mult, decayed), params in sorted(groups.items(), key=lambda item: (item[0][0], not item[0][1])):
+        group = {"params": params, "lr_mult": lr_mult}
+        group.update({"regularized": True} if decayed else {"weight_decay": 0.0})
+        result.append(group)
     return result
 
 

@@ -8,7 +8,7 @@ from helpers import ROOT, TINY, free_port, make_images, run, tiny_args
 
 from dino_sparo.data.datasets import ResumableDistributedSampler
 from dino_sparo.distributed import DistributedContext, init_distributed, is_dist_initialized
-from dino_sparo.train_setup import build_models
+from dino_sparo.train.setup import build_models
 from main_dino import parse_args
 
 
@@ -48,8 +48,9 @@ def _steps(rank: int, world_size: int, port: int, crops: list[list[torch.Tensor]
     """Two training steps of a tiny model on this rank's share of every crop batch; saves the result."""
     from dino_sparo.loss import DINOLoss
     from dino_sparo.optim import build_optimizer, get_params_groups
-    from dino_sparo.train_setup import build_models, build_schedules, wrap_for_distributed
-    from dino_sparo.train_step import TrainStep
+    from dino_sparo.train.schedules import build_schedules
+    from dino_sparo.train.setup import build_models, wrap_for_distributed
+    from dino_sparo.train.step import TrainStep
 
     if world_size > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -57,7 +57,7 @@ def test_probe_features_per_read_out():
     tokens = sparo_model.get_intermediate_layers(images, 2)  # of the 3 blocks SPARO left
     assert with_cls.feature_dim == 32 + 2 * 192
     torch.testing.assert_close(with_cls(images), torch.cat([alone, tokens[0][:, 0], tokens[1][:, 0]], dim=1))
-    chosen = ProbeFeatures(sparo_model, 0, False, slots=[3, 1], slot_dim=8)(images)
+    chosen = ProbeFeatures(sparo_model, 0, False, slots=[3, 1])(images)
     picked = torch.cat([encoding[:, 24:32], encoding[:, 8:16]], dim=1)
     torch.testing.assert_close(chosen, picked / picked.norm(dim=1, keepdim=True) * 4.0)
 
@@ -72,7 +72,7 @@ def test_trains_above_chance_then_resumes_and_evaluates(data_and_checkpoint, tmp
     argv = ["--pretrained_weights", checkpoint, "--data_path", data, *SMALL]
     straight = eval_linear.main([*argv, "--output_dir", str(tmp_path / "straight")])
     assert straight["best_acc"] > 30  # chance is 10%
-    assert "SPARO encoding" in straight["features"]
+    assert "SPARO read-out" in straight["features"]
     log = read_log(tmp_path / "straight")
     assert [r["epoch"] for r in log] == [0, 1] and log[1]["best_acc"] == straight["best_acc"]
     assert log[1]["train_lr"] == pytest.approx(log[0]["train_lr"] / 2)  # cosine over 2 epochs

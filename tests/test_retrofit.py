@@ -9,20 +9,20 @@ from dino_sparo.loss import DINOLoss
 from dino_sparo.models import DINOHead, MultiCropWrapper, vit_tiny
 from dino_sparo.optim import build_optimizer, get_params_groups
 from dino_sparo.train import train_dino
-from dino_sparo.train_setup import build_models
-from dino_sparo.train_step import TrainStep
+from dino_sparo.train.setup import build_models
+from dino_sparo.train.step import TrainStep
 
 
-def test_forward_from_a_prefix_equals_the_forward():
+def test_forward_from_frozen_tokens_equals_the_forward():
     model = vit_tiny(patch_size=8, depth=4, sparo_slots=4, sparo_slot_dim=8).eval()
     images = torch.randn(2, 3, 32, 32)
     for blocks in range(len(model.blocks) + 1):
-        torch.testing.assert_close(model.forward_from(model.prefix_tokens(images, blocks), blocks), model(images))
+        torch.testing.assert_close(model.forward_from(model.frozen_tokens(images, blocks), blocks), model(images))
 
 
-def test_freezing_marks_the_prefix_and_turns_off_its_stochastic_depth():
+def test_freezing_marks_the_frozen_blocks_and_turns_off_their_stochastic_depth():
     model = vit_tiny(patch_size=8, depth=4, drop_path_rate=0.3, sparo_slots=4, sparo_slot_dim=8)
-    model.freeze_prefix(2)
+    model.freeze_blocks(2)
     frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     assert {"cls_token", "pos_embed", "patch_embed.proj.weight"} <= frozen
     assert all(name.startswith(("blocks.0.", "blocks.1.", "cls_token", "pos_embed", "patch_embed.")) for name in frozen)
@@ -30,11 +30,11 @@ def test_freezing_marks_the_prefix_and_turns_off_its_stochastic_depth():
     assert all(isinstance(block.drop_path1, torch.nn.Identity) for block in model.blocks[:2])
     assert not isinstance(model.blocks[2].drop_path1, torch.nn.Identity)
     with pytest.raises(ValueError, match="keeps 3 before its read-out"):
-        model.freeze_prefix(4)
+        model.freeze_blocks(4)
 
 
 def _step(shared: bool):
-    """One step of a tiny student/teacher with 2 of 3 blocks frozen, the prefix shared or not."""
+    """One step of a tiny student/teacher with 2 of 3 blocks frozen, the frozen tokens shared or not."""
     args = tiny_args("u", "u", "--freeze_blocks", "2", "--optimizer", "sgd", "--drop_path_rate", "0",
                      "--freeze_last_layer", "0", "--precision", "fp32")
     torch.manual_seed(0)
@@ -52,8 +52,8 @@ def _step(shared: bool):
     return values["loss"], grads, student, teacher
 
 
-def test_shared_prefix_step_equals_the_unshared_computation():
-    """Loss and gradients of the shared-prefix step equal those of running student and teacher separately through
+def test_shared_frozen_tokens_step_equals_the_unshared_computation():
+    """Loss and gradients of the shared-frozen-tokens step equal those of running student and teacher separately through
     their (identical) frozen blocks."""
     shared_loss, shared_grads, student, teacher = _step(shared=True)
     plain_loss, plain_grads, _, _ = _step(shared=False)

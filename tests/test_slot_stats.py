@@ -11,9 +11,9 @@ from helpers import make_images, tiny_args
 from dino_sparo.eval.slot_stats import SlotStatistics, measure_slots, pairwise_similarity, slot_statistics
 from dino_sparo.models import SPARO, build_pretrained_backbone, vit_tiny
 from dino_sparo.optim import get_params_groups
-from dino_sparo.slot_monitor import SlotMonitor
 from dino_sparo.train import train_dino
-from dino_sparo.train_setup import build_schedules
+from dino_sparo.train.schedules import build_schedules
+from dino_sparo.train.slot_monitor import SlotMonitor
 
 
 def test_statistics_against_hand_values():
@@ -82,7 +82,7 @@ def test_readout_parameter_groups():
     assert len(default) == 2 and default[0]["regularized"]
     assert any(p is model.sparo.queries for p in default[0]["params"])  # the reference decays 2-D parameters
 
-    groups = get_params_groups(model, sparo_lr_mult=10.0, sparo_weight_decay=False)
+    groups = get_params_groups(model, {"sparo_lr_mult": 10.0, "sparo_weight_decay": False})
     sparo_params = {id(p) for p in model.sparo.parameters()}
     for group in groups:
         in_sparo = {id(p) in sparo_params for p in group["params"]}

@@ -157,7 +157,7 @@ def test_slot_flags_errors(dumped, tmp_path, capsys):
         capsys)
     cls_checkpoint = tmp_path / "cls.pth"
     torch.save(vit_tiny(patch_size=8, depth=3, readout="cls").state_dict(), cls_checkpoint)
-    assert "--per_slot needs a SPARO encoding" in run_error(
+    assert "--per_slot needs an encoding made of slots" in run_error(
         ["--pretrained_weights", str(cls_checkpoint), "--load_features", features, "--per_slot"], capsys)
 
 

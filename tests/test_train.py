@@ -7,10 +7,9 @@ import pytest
 import torch
 from helpers import make_images, tiny_args
 
-from dino_sparo.checkpoint import save_atomic
+from dino_sparo.checkpoint import TrainState, save_atomic
 from dino_sparo.distributed import DistributedContext
 from dino_sparo.errors import NonFiniteLossError, UserError
-from dino_sparo.health import warn_if_collapsed
 from dino_sparo.loss import DINOLoss
 from dino_sparo.optim import (
     build_optimizer,
@@ -19,8 +18,10 @@ from dino_sparo.optim import (
     get_params_groups,
     update_teacher,
 )
-from dino_sparo.train import _resume_or_initialise, train_dino
-from dino_sparo.train_setup import build_models, resolve_precision
+from dino_sparo.train import train_dino
+from dino_sparo.train.health import warn_if_collapsed
+from dino_sparo.train.setup import build_models, resolve_precision
+from dino_sparo.train.trainer import _resume_or_initialise
 
 
 def test_models_teacher_is_a_separate_copy():
@@ -40,7 +41,7 @@ def test_models_teacher_is_a_separate_copy():
 def test_param_groups_clipping_freezing_and_ema():
     args = tiny_args("unused", "unused")
     student, teacher = build_models(args, torch.device("cpu"))
-    regularized, not_regularized = get_params_groups(student)
+    regularized, not_regularized = get_params_groups(student, args)
     decayed = {id(p) for p in regularized["params"]}
     for name, param in student.named_parameters():
         if not param.requires_grad:
@@ -142,7 +143,7 @@ def test_non_finite_loss_stops_with_epoch_and_iteration(tmp_path, monkeypatch):
             loss = super().forward(student_output, teacher_output, epoch)
             return loss * float("nan") if ExplodingLoss.calls == 2 else loss
 
-    monkeypatch.setattr("dino_sparo.train.DINOLoss", ExplodingLoss)
+    monkeypatch.setattr("dino_sparo.train.trainer.DINOLoss", ExplodingLoss)
     with pytest.raises(NonFiniteLossError, match="epoch 1, iteration 1"):
         train_dino(tiny_args(data, out, "--epochs", "3"))
     assert (out / "checkpoint.pth").read_bytes() == before
@@ -207,12 +208,13 @@ def test_fp16_resume_of_a_run_saved_without_a_scaler_starts_a_fresh_one(tmp_path
     train_dino(tiny_args(data, tmp_path / "out", "--epochs", "1", "--precision", "fp32"))
     args = tiny_args(data, tmp_path / "out", "--epochs", "2")
     student, teacher = build_models(args, torch.device("cpu"))
-    optimizer = build_optimizer(args.optimizer, get_params_groups(student), torch.device("cpu"))
+    optimizer = build_optimizer(args.optimizer, get_params_groups(student, args), torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu")
     loss = DINOLoss(args.out_dim, 4, args.warmup_teacher_temp, args.teacher_temp, 0, args.epochs)
     capsys.readouterr()
-    start = _resume_or_initialise(args, str(tmp_path / "out" / "checkpoint.pth"), 2, student, teacher, optimizer,
-                                  scaler, loss, DistributedContext(), print)
+    state = TrainState(student, teacher, optimizer, loss, scaler, {})
+    start = _resume_or_initialise(args, state, str(tmp_path / "out" / "checkpoint.pth"), 2, DistributedContext(),
+                                  print)
     assert start == (1, 0)
     assert "saved without fp16 training: starting a fresh GradScaler" in capsys.readouterr().out
     assert scaler.state_dict() == torch.amp.GradScaler("cpu").state_dict()

@@ -138,7 +138,7 @@ def test_dino_checkpoint_without_args_draws_heads_only(files, tmp_path, capsys):
     ("unreadable", ["--images", "{root}/broken"], "could be read"),
     ("slot range", ["--images", "{root}/exact", "--slots", "1,4"], "--slots 4 out of range"),
     ("cls model", ["--images", "{root}/exact", "--top_slots", "2", "--pretrained_weights", "{root}/dino.pth"],
-     "no SPARO slots"),
+     "no attention maps"),
     ("sparo flag, no sparo weights", ["--images", "{root}/exact", "--slots", "0", "--readout", "sparo",
                                       "--pretrained_weights", "{root}/dino.pth"], "missing sparo.*"),
 ])

@@ -10,18 +10,19 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ..checkpoint import write_json_atomic
 from ..cli import ensure_writable_dir
 from ..data.datasets import ImageDataset, evenly_spaced, labelled_splits, ordered_loader, shard
 from ..data.transforms import eval_transform
 from ..distributed import DistributedContext, shard_bounds
 from ..errors import UserError
 from ..models.config import build_pretrained_backbone
+from ..models.readouts import restrict_to_slots
+from ..utils.files import write_json_atomic
 from .features import dump_features, extract_dataset_features, load_features
 from .flags import check_eval_args
 from .knn import sharded_knn
 from .slot_stats import PEAKEDNESS_HELP, SlotStatistics, measure_slots
-from .slots import SlotScore, check_slots, per_slot_knn, restrict_to_slots, select_slots, slot_layout
+from .slots import SlotScore, check_slots, per_slot_knn, select_slots, slot_layout
 
 
 def evaluate_knn(args: argparse.Namespace) -> dict[str, Any]:
@@ -59,9 +60,9 @@ def _evaluate(args: argparse.Namespace, context: DistributedContext) -> dict[str
                                               log=print if context.is_main else None)
     model.to(context.device)
     check_eval_args(args, config)
-    slots = check_slots(args.slots, slot_layout(config, "--slots")[0]) if args.slots else None
+    slots = check_slots(args.slots, slot_layout(model, "--slots")[0]) if args.slots else None
     if args.per_slot or args.select_slots:
-        slot_layout(config, "--per_slot" if args.per_slot else "--select_slots")
+        num_slots, slot_dim = slot_layout(model, "--per_slot" if args.per_slot else "--select_slots")
 
     train_features, train_labels, test_features, test_labels, num_classes = _features(args, context, model)
     if train_features.shape[1] != model.feature_dim and (args.slots or args.per_slot or args.select_slots):
@@ -72,9 +73,9 @@ def _evaluate(args: argparse.Namespace, context: DistributedContext) -> dict[str
     train_labels, test_labels = train_labels.to(store), test_labels.to(store)
     results: dict[str, Any] = {"num_classes": num_classes, "temperature": args.temperature}
 
-    num_slots, slot_dim = (config["sparo_slots"], config["sparo_slot_dim"])
     train_view, test_view = train_features, test_features
     if slots is not None:
+        num_slots, slot_dim = slot_layout(model, "--slots")
         train_view = restrict_to_slots(train_features, slots, slot_dim)
         test_view = restrict_to_slots(test_features, slots, slot_dim)
         results["slots"] = slots

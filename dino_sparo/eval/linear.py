@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from typing import Any
 
@@ -19,11 +18,11 @@ from ..data.datasets import labelled_splits, ordered_loader, shard
 from ..data.transforms import eval_transform, linear_train_transform
 from ..distributed import DistributedContext
 from ..errors import UserError
-from ..logging import append_json_line
 from ..models import VisionTransformer
 from ..models.config import build_pretrained_backbone
+from ..utils.files import append_json_line
 from .flags import check_eval_args
-from .slots import check_slots, restrict_to_slots, slot_layout
+from .slots import check_slots, slot_layout
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 
@@ -43,41 +42,34 @@ class LinearClassifier(nn.Module):
 
 
 class ProbeFeatures(nn.Module):
-    """The frozen features the linear probe sees.
-
-    - ``cls`` read-out (DINO's protocol): the CLS tokens of the last ``n_last_blocks`` blocks (each through the
-      final norm), concatenated, plus the mean of the last block's patch tokens with ``avgpool_patchtokens``:
-      with one block, CLS and mean are interleaved dimension by dimension (``[c0, m0, c1, m1, ...]``) as DINO's
-      eval_linear lays them out, so its trained linear weights evaluate correctly; with more blocks (which DINO
-      cannot combine with the mean) the mean is appended.
-    - ``sparo`` read-out: the SPARO encoding (or the chosen ``slots`` of it, renormalised as a whole), scaled to
-      unit RMS per dimension (norm sqrt(dim)), the scale of a LayerNorm'd CLS token, so one learning rate fits
-      both; then, when ``n_last_blocks`` > 0, the CLS tokens of the last n remaining blocks, and the patch-token
-      mean if asked.
-    - ``gap`` read-out: the mean of the final-normed patch tokens, then the same optional additions.
+    """The frozen features the linear probe sees: the read-out's own part
+    (:meth:`~dino_sparo.models.readouts.Readout.probe_features`: nothing for CLS, SPARO's encoding or the chosen
+    ``slots`` of it at unit RMS per dimension, GAP's patch mean, ...), then the CLS tokens of the last
+    ``n_last_blocks`` blocks (each through the final norm, DINO's protocol), and with ``avgpool_patchtokens`` the
+    mean of the last block's patch tokens. With one CLS token, CLS and mean are interleaved dimension by dimension
+    (``[c0, m0, c1, m1, ...]``) as DINO's eval_linear lays them out, so its trained linear weights evaluate
+    correctly; with more blocks (which DINO cannot combine with the mean) the mean is appended.
     """
 
     def __init__(self, backbone: VisionTransformer, n_last_blocks: int, avgpool_patchtokens: bool,
-                 slots: list[int] | None = None, slot_dim: int | None = None) -> None:
+                 slots: list[int] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.n_last_blocks = n_last_blocks
         self.avgpool_patchtokens = avgpool_patchtokens
         self.slots = slots
-        self.slot_dim = slot_dim
-        readout_dim = 0
-        if backbone.readout != "cls":
-            readout_dim = len(slots) * slot_dim if slots is not None else backbone.feature_dim
-        self.feature_dim = readout_dim + backbone.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
         self.eval()
+        with torch.no_grad():  # the read-out's share of the features, measured on a one-patch image
+            probe = backbone.cls_token.new_zeros(1, 3, *backbone.patch_embed.patch_size)
+            own = backbone.readout_module.probe_features(backbone.tokens(probe), slots)
+        self.readout_dim = 0 if own is None else own.shape[1]
+        self.feature_dim = self.readout_dim + backbone.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
 
     def describe(self) -> str:
         parts = []
-        if self.backbone.readout == "sparo":
-            parts.append(f"SPARO slots {','.join(map(str, self.slots))}" if self.slots is not None
-                         else "SPARO encoding")
-        elif self.backbone.readout == "gap":
-            parts.append("mean of patch tokens")
+        if self.readout_dim:
+            slots = f" slots {','.join(map(str, self.slots))}" if self.slots is not None else ""
+            parts.append(f"{self.backbone.readout.upper()} read-out{slots}")
         if self.n_last_blocks:
             parts.append(f"CLS tokens of the last {self.n_last_blocks} block(s)")
         if self.avgpool_patchtokens:
@@ -87,14 +79,8 @@ class ProbeFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.get_intermediate_layers(images, max(1, self.n_last_blocks))
-        features = []
-        if self.backbone.readout != "cls":
-            encoding = self.backbone.readout_features(tokens[-1])
-            if self.backbone.readout == "sparo":
-                if self.slots is not None:
-                    encoding = restrict_to_slots(encoding, self.slots, self.slot_dim)
-                encoding = F.normalize(encoding, dim=1) * math.sqrt(encoding.shape[1])
-            features.append(encoding)
+        own = self.backbone.readout_module.probe_features(tokens[-1], self.slots)
+        features = [] if own is None else [own]
         cls_tokens = [t[:, 0] for t in tokens[-self.n_last_blocks:]] if self.n_last_blocks else []
         if self.avgpool_patchtokens:
             patch_mean = tokens[-1][:, self.backbone.num_prefix_tokens:].mean(dim=1)
@@ -125,7 +111,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any
     backbone, config = build_pretrained_backbone(args.pretrained_weights, args.checkpoint_key, args,
                                                  log=print if context.is_main else None)
     check_eval_args(args, config)
-    features = _probe_features(args, backbone, config).to(context.device)
+    features = _probe_features(args, backbone).to(context.device)
     train_set, val_set = labelled_splits(args.data_path, linear_train_transform(args.crop_size),
                                          eval_transform(args.resize_size, args.crop_size))
     num_labels = args.num_labels if args.num_labels is not None else len(train_set.classes)
@@ -189,20 +175,18 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any
     return {"best_acc": best_acc, "history": history, "start_epoch": start_epoch, "features": features.describe()}
 
 
-def _probe_features(args: argparse.Namespace, backbone: VisionTransformer, config: dict[str, Any]) -> ProbeFeatures:
-    readout = config["readout"]
-    default_blocks = min(4, len(backbone.blocks)) if readout == "cls" else 0
+def _probe_features(args: argparse.Namespace, backbone: VisionTransformer) -> ProbeFeatures:
+    default_blocks = min(backbone.readout_module.probe_cls_blocks, len(backbone.blocks))
     n_last_blocks = args.n_last_blocks if args.n_last_blocks is not None else default_blocks
     if not 0 <= n_last_blocks <= len(backbone.blocks):
         raise UserError(f"--n_last_blocks must be between 0 and the {len(backbone.blocks)} remaining blocks, "
                         f"got {n_last_blocks}")
-    if readout == "cls" and n_last_blocks == 0 and not args.avgpool_patchtokens:
-        raise UserError("--n_last_blocks 0 leaves the CLS read-out without features: use >= 1")
-    slots, slot_dim = None, None
-    if args.slots:
-        num_slots, slot_dim = slot_layout(config, "--slots")
-        slots = check_slots(args.slots, num_slots)
-    return ProbeFeatures(backbone, n_last_blocks, args.avgpool_patchtokens, slots, slot_dim)
+    slots = check_slots(args.slots, slot_layout(backbone, "--slots")[0]) if args.slots else None
+    features = ProbeFeatures(backbone, n_last_blocks, args.avgpool_patchtokens, slots)
+    if features.feature_dim == 0:
+        raise UserError(f"--n_last_blocks 0 leaves the {backbone.readout.upper()} read-out without features: "
+                        f"use >= 1")
+    return features
 
 
 def train_one_epoch(features: ProbeFeatures, classifier: nn.Module, optimizer: torch.optim.Optimizer,

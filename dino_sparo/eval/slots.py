@@ -7,23 +7,26 @@ fixed by the seed, is classified by k-NN against the rest of train.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .. import distributed
 from ..errors import UserError
+from ..models.readouts import restrict_to_slots
+from ..models.vision_transformer import VisionTransformer
 from .knn import sharded_knn
 
 
-def slot_layout(config: Mapping[str, Any], flag: str) -> tuple[int, int]:
-    """(L, V) of a SPARO model; any other read-out is a :class:`UserError` naming ``flag``."""
-    if config["readout"] != "sparo":
-        raise UserError(f"{flag} needs a SPARO encoding, but this model's read-out is {config['readout']!r}")
-    return int(config["sparo_slots"]), int(config["sparo_slot_dim"])
+def slot_layout(model: VisionTransformer, flag: str) -> tuple[int, int]:
+    """(L, V) of a model whose encoding is made of slots (SPARO); any other read-out is a :class:`UserError`
+    naming ``flag``."""
+    layout = model.readout_module.slot_layout
+    if layout is None:
+        raise UserError(f"{flag} needs an encoding made of slots (SPARO), but this model's read-out is "
+                        f"{model.readout!r}")
+    return layout
 
 
 def check_slots(slots: Sequence[int], num_slots: int, flag: str = "--slots") -> list[int]:
@@ -34,13 +37,6 @@ def check_slots(slots: Sequence[int], num_slots: int, flag: str = "--slots") -> 
         raise UserError(f"{flag} {', '.join(map(str, outside))} out of range: this model has {num_slots} slots "
                         f"(indices 0 to {num_slots - 1})")
     return list(slots)
-
-
-def restrict_to_slots(features: torch.Tensor, slots: Sequence[int], slot_dim: int) -> torch.Tensor:
-    """The concatenation of ``slots`` of each encoding row, L2-normalised as a whole."""
-    index = (torch.as_tensor(list(slots), device=features.device).view(-1, 1) * slot_dim
-             + torch.arange(slot_dim, device=features.device)).flatten()
-    return F.normalize(features.index_select(1, index), dim=1)
 
 
 @dataclass

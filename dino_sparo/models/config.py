@@ -1,8 +1,10 @@
 """The one source of a backbone's architecture: its flags and their defaults, resolving them from explicit flags,
 a checkpoint's saved args or its weights, and building the model (with or without pretrained weights).
 
-Defaults are read off :class:`VisionTransformer`'s signature, so a new architecture option is added in one place
-(the constructor) plus its flag in :func:`add_model_args`.
+Backbone flags and their defaults are read off :class:`VisionTransformer`'s signature; each read-out's flags are
+the :class:`~.readouts.Option` entries its module declares. A new read-out option is therefore one line in its
+read-out's module, and a new read-out is its module and its registry line: the parsers, the saved args, the
+resume check and the evaluations all follow from here.
 """
 from __future__ import annotations
 
@@ -13,20 +15,33 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..checkpoint import load_pretrained_weights, read_weights, summarise_keys
-from ..cli import bool_flag, positive_int
+from ..cli import non_negative_int, positive_int
 from ..errors import UserError
-from .vision_transformer import ARCHS, POS_EMBED_INTERPOLATIONS, READOUTS, VisionTransformer
+from .readouts import ARCHITECTURE, INITIALISATION, OPTIMISATION, READOUTS
+from .vision_transformer import (
+    ARCHS,
+    BACKBONE_KEY_ROOTS,
+    POS_EMBED_INTERPOLATIONS,
+    READOUT_OPTION_DEFAULTS,
+    VisionTransformer,
+    replaced_blocks,
+)
 
-# Architecture flags, in the order they are printed; all but ``arch`` are VisionTransformer arguments.
-MODEL_FLAGS = ("arch", "patch_size", "depth", "readout", "sparo_slots", "sparo_slot_dim", "sparo_attn_dim",
-               "sparo_share_kv", "sparo_slot_norm", "sparo_logit_scale", "sparo_replace_blocks",
-               "pos_embed_interpolation", "sparo_query_init_std", "sparo_key_init_gain")
+# Backbone flags, in the order they are printed; all but ``arch`` are VisionTransformer arguments.
+BACKBONE_FLAGS = ("arch", "patch_size", "depth", "readout", "readout_replace_blocks", "pos_embed_interpolation")
+_READOUT_OPTIONS = [(readout, option) for readout in READOUTS.values() for option in readout.options]
+# What a model is built from: the backbone flags and every read-out's architecture and initialisation options.
+MODEL_FLAGS = BACKBONE_FLAGS + tuple(option.flag for _, option in _READOUT_OPTIONS if option.role != OPTIMISATION)
 # Flags that only set the initialisation: no tensor depends on them, so resuming with other values is fine.
-INIT_ONLY_FLAGS = ("sparo_query_init_std", "sparo_key_init_gain")
+INIT_ONLY_FLAGS = tuple(option.flag for _, option in _READOUT_OPTIONS if option.role == INITIALISATION)
 _SIGNATURE = inspect.signature(VisionTransformer.__init__).parameters
-MODEL_DEFAULTS: dict[str, Any] = {"arch": "vit_small", **{name: _SIGNATURE[name].default for name in MODEL_FLAGS[1:]}}
+MODEL_DEFAULTS: dict[str, Any] = {
+    "arch": "vit_small", **{name: _SIGNATURE[name].default for name in BACKBONE_FLAGS[1:]},
+    **{flag: READOUT_OPTION_DEFAULTS[flag] for flag in MODEL_FLAGS[len(BACKBONE_FLAGS):]}}
 # The DINO head's shape; with the backbone's flags these are what a checkpoint's tensors depend on.
 HEAD_FLAGS = ("out_dim", "head_hidden_dim", "head_bottleneck_dim", "use_bn_in_head")
+# Tensors that timm and DINO checkpoints may hold beside the backbone's, which no read-out owns.
+_FOREIGN_KEY_ROOTS = ("fc_norm", "norm_pre", "mask_token", "head")
 
 # facebookresearch/dino renames these to the ViTs they are.
 ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
@@ -38,77 +53,91 @@ def arch_name(value: str) -> str:
     if value not in ARCHS:
         raise argparse.ArgumentTypeError(
             f"unknown or unsupported arch {value!r}: choose from {', '.join([*ARCHS, *ARCH_ALIASES])} (DINO's xcit "
-            f"and torchvision architectures are not supported: SPARO replaces a ViT block)")
+            f"and torchvision architectures are not supported: the read-out replaces ViT blocks)")
     return value
 
 
 def add_model_args(parser: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
-    """Adds the architecture flags. With ``from_checkpoint`` they default to None, meaning "as saved in the
-    checkpoint" (see :func:`resolve_model_config`), so an evaluation never needs them retyped."""
+    """Adds the architecture flags and every read-out's flags. With ``from_checkpoint`` (the evaluations) only
+    those that tensors depend on, defaulting to None, meaning "as saved in the checkpoint" (see
+    :func:`resolve_model_config`), so an evaluation never needs them retyped."""
+    def shown(fallback: Any) -> str:
+        # Training parsers print their defaults themselves (ArgumentDefaultsHelpFormatter).
+        return f" (default: the checkpoint's, else {fallback})" if from_checkpoint else ""
+
     def default(name: str) -> Any:
         return None if from_checkpoint else MODEL_DEFAULTS[name]
 
-    def shown(name: str) -> str:
-        fallback = MODEL_DEFAULTS[name]
-        return f" (default: the checkpoint's, else {fallback})" if from_checkpoint else f" (default: {fallback})"
-
     group = parser.add_argument_group("architecture")
     group.add_argument("--arch", type=arch_name, default=default("arch"), metavar="{" + ",".join(ARCHS) + "}",
-                       help="ViT size; DINO's deit_tiny/deit_small are accepted as aliases" + shown("arch"))
+                       help="ViT size; DINO's deit_tiny/deit_small are accepted as aliases" + shown("vit_small"))
     group.add_argument("--patch_size", type=positive_int, default=default("patch_size"),
                        help="patch size in pixels, 16 or 8; with < 16 prefer --precision bf16 or fp32"
-                       + shown("patch_size"))
+                       + shown(MODEL_DEFAULTS["patch_size"]))
     group.add_argument("--depth", type=positive_int, default=default("depth"),
-                       help="transformer blocks before any is replaced by SPARO" + shown("depth"))
-    group.add_argument("--readout", choices=READOUTS, default=default("readout"),
-                       help="sparo: SPARO slots replace the last block(s); cls: DINO's CLS token; gap: mean of "
-                       "patch tokens" + shown("readout"))
-    group.add_argument("--sparo_slots", type=positive_int, default=default("sparo_slots"),
-                       help="L, number of SPARO slots" + shown("sparo_slots"))
-    group.add_argument("--sparo_slot_dim", type=positive_int, default=default("sparo_slot_dim"),
-                       help="V, output size of each slot" + shown("sparo_slot_dim"))
-    group.add_argument("--sparo_attn_dim", type=positive_int, default=None,
-                       help="H, key/query size of each slot (default: the checkpoint's, else embed_dim / heads)")
-    group.add_argument("--sparo_share_kv", type=bool_flag, default=default("sparo_share_kv"),
-                       help="use the keys as values" + shown("sparo_share_kv"))
-    group.add_argument("--sparo_slot_norm", type=bool_flag, default=default("sparo_slot_norm"),
-                       help="L2-normalise each slot, scaled by sqrt(1/L)" + shown("sparo_slot_norm"))
-    group.add_argument("--sparo_logit_scale", type=bool_flag, default=default("sparo_logit_scale"),
-                       help="a learnable temperature per slot multiplying its attention logits, starting at 1"
-                       + shown("sparo_logit_scale"))
-    if not from_checkpoint:
-        group.add_argument("--sparo_query_init_std", type=float, default=MODEL_DEFAULTS["sparo_query_init_std"],
-                           help="std of the queries' N(0, std) initialisation (with the key gain it sets the initial "
-                           "attention temperature)" + shown("sparo_query_init_std"))
-        group.add_argument("--sparo_key_init_gain", type=float, default=MODEL_DEFAULTS["sparo_key_init_gain"],
-                           help="gain of the key projection's xavier-uniform initialisation (the paper: 1; 4 lets "
-                           "the slots separate within short schedules)" + shown("sparo_key_init_gain"))
-    group.add_argument("--sparo_replace_blocks", type=positive_int, default=default("sparo_replace_blocks"),
-                       help="final blocks removed for SPARO" + shown("sparo_replace_blocks"))
+                       help="transformer blocks before any is replaced by the read-out"
+                       + shown(MODEL_DEFAULTS["depth"]))
+    group.add_argument("--readout", choices=tuple(READOUTS), default=default("readout"),
+                       help="; ".join(f"{name}: {readout.summary}" for name, readout in READOUTS.items())
+                       + shown(MODEL_DEFAULTS["readout"]))
+    group.add_argument("--readout_replace_blocks", "--sparo_replace_blocks", dest="readout_replace_blocks",
+                       type=non_negative_int, default=None,
+                       help="final blocks the read-out replaces (" + ", ".join(
+                           f"{name}: {readout.replaced_blocks}" for name, readout in READOUTS.items())
+                       + "); 0 puts it on top of every block; None: the read-out's own" + shown("the read-out's"))
     group.add_argument("--pos_embed_interpolation", choices=POS_EMBED_INTERPOLATIONS,
                        default=default("pos_embed_interpolation"),
                        help="resampling of position embeddings for other image sizes: dino (reference, bicubic, "
-                       "no antialias) or timm (antialiased)" + shown("pos_embed_interpolation"))
+                       "no antialias) or timm (antialiased)" + shown(MODEL_DEFAULTS["pos_embed_interpolation"]))
+    for readout in READOUTS.values():
+        options = [o for o in readout.options if not from_checkpoint or o.role == ARCHITECTURE]
+        if not options:
+            continue
+        group = parser.add_argument_group(f"{readout.name} read-out")
+        for option in options:
+            group.add_argument(f"--{option.flag}", type=option.type,
+                               default=None if from_checkpoint else option.default,
+                               help=option.help + shown("derived" if option.default is None else option.default))
+
+
+def upgrade_saved_args(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """Saved args of older checkpoints in today's names: ``sparo_replace_blocks`` counted the blocks SPARO
+    replaced (other read-outs replaced none) before ``readout_replace_blocks`` served every read-out."""
+    upgraded = dict(saved)
+    if "readout_replace_blocks" not in upgraded and "sparo_replace_blocks" in upgraded:
+        legacy = upgraded.pop("sparo_replace_blocks")
+        upgraded["readout_replace_blocks"] = legacy if upgraded.get("readout", "sparo") == "sparo" else 0
+    return upgraded
 
 
 def resolve_model_config(flags: argparse.Namespace | Mapping[str, Any], saved: Mapping[str, Any] | None = None,
                          weights: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The model config: each flag given explicitly, else the checkpoint's saved args, else (for checkpoints
     without saved args, as DINO's official ones) what the backbone ``weights`` show, else the default."""
-    given = vars(flags) if isinstance(flags, argparse.Namespace) else dict(flags)
+    given = upgrade_saved_args(vars(flags) if isinstance(flags, argparse.Namespace) else flags)
     config = {name: given.get(name) for name in MODEL_FLAGS}
     if saved is not None:
+        saved = upgrade_saved_args(saved)
         config = {name: saved.get(name) if value is None else value for name, value in config.items()}
     elif weights is not None:
         config = _infer_from_weights(weights, config)
     config = {name: MODEL_DEFAULTS[name] if value is None else value for name, value in config.items()}
     config["arch"] = ARCH_ALIASES.get(config["arch"], config["arch"])
+    if config["readout"] in READOUTS:
+        config["readout_replace_blocks"] = replaced_blocks(config["readout"], config["readout_replace_blocks"])
     return config
+
+
+def readout_flags(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The flags of ``config`` that matter for its read-out: the backbone's and the read-out's own."""
+    own = READOUTS[config["readout"]].options
+    return BACKBONE_FLAGS + tuple(option.flag for option in own if option.flag in config)
 
 
 def _infer_from_weights(weights: Mapping[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """Fills flags left out from tensor shapes: arch from the width, patch size from the patch embedding, the
-    CLS read-out when there are no SPARO tensors, and the depth from the block indices."""
+    read-out whose tensors are there (CLS when none is; unknown tensors are an error), its options, and the
+    depth from the block indices."""
     inferred = dict(config)
     cls_token, patch_weight = weights.get("cls_token"), weights.get("patch_embed.proj.weight")
     if inferred["arch"] is None and cls_token is not None:
@@ -116,21 +145,35 @@ def _infer_from_weights(weights: Mapping[str, Any], config: dict[str, Any]) -> d
         inferred["arch"] = widths.get(int(cls_token.shape[-1]))
     if inferred["patch_size"] is None and patch_weight is not None and patch_weight.ndim == 4:
         inferred["patch_size"] = int(patch_weight.shape[-1])
-    if inferred["readout"] is None and not any(key.startswith("sparo.") for key in weights):
-        inferred["readout"] = "cls"
+    if inferred["readout"] is None:
+        inferred["readout"] = _recognise_readout(weights)
+    arch = ARCHS[inferred["arch"] or MODEL_DEFAULTS["arch"]]
+    for flag, value in READOUTS[inferred["readout"]].infer_options(weights, **arch).items():
+        if inferred.get(flag) is None:
+            inferred[flag] = value
     indices = [int(match.group(1)) for key in weights if (match := re.match(r"^blocks\.(\d+)\.", key))]
     if inferred["depth"] is None and indices:
-        readout = inferred["readout"] or MODEL_DEFAULTS["readout"]
-        replaced = inferred["sparo_replace_blocks"] or MODEL_DEFAULTS["sparo_replace_blocks"]
-        inferred["depth"] = max(indices) + 1 + (replaced if readout == "sparo" else 0)
+        inferred["depth"] = max(indices) + 1 + replaced_blocks(inferred["readout"], inferred["readout_replace_blocks"])
     return inferred
+
+
+def _recognise_readout(weights: Mapping[str, Any]) -> str:
+    recognised = [name for name, readout in READOUTS.items() if readout.recognise(weights)]
+    if recognised:
+        return recognised[0]
+    owned = {*BACKBONE_KEY_ROOTS, *_FOREIGN_KEY_ROOTS, *(readout.state_prefix for readout in READOUTS.values())}
+    unknown = sorted({key.split(".")[0] for key in weights} - owned)
+    if unknown:
+        raise UserError(f"the weights hold tensors of no known read-out ({', '.join(unknown)}): pass --readout "
+                        f"(one of {', '.join(READOUTS)}) to say which to build")
+    return "cls"  # no read-out tensors: DINO's own read-out
 
 
 def build_backbone(config: Mapping[str, Any] | None = None, drop_path_rate: float = 0.0,
                    **overrides: Any) -> VisionTransformer:
     """The backbone a model config describes (missing entries take :data:`MODEL_DEFAULTS`, ``overrides`` win);
     an impossible combination is a :class:`UserError`."""
-    config = {**MODEL_DEFAULTS, **(config or {}), **overrides}
+    config = {**MODEL_DEFAULTS, **upgrade_saved_args(config or {}), **overrides}
     arch = ARCH_ALIASES.get(config["arch"], config["arch"])
     if arch not in ARCHS:
         raise UserError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
@@ -144,8 +187,9 @@ def build_backbone(config: Mapping[str, Any] | None = None, drop_path_rate: floa
 def architecture_args(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
     """The flags a training checkpoint's tensors depend on (backbone and head), as resuming compares them."""
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    config = {name: value for name, value in resolve_model_config(given).items() if name not in INIT_ONLY_FLAGS}
-    return {**config, **{name: given[name] for name in HEAD_FLAGS}}
+    config = resolve_model_config(given)
+    compared = [name for name in readout_flags(config) if name not in INIT_ONLY_FLAGS]
+    return {**{name: config[name] for name in compared}, **{name: given[name] for name in HEAD_FLAGS}}
 
 
 def build_pretrained_backbone(path: str, checkpoint_key: str, flags: argparse.Namespace | Mapping[str, Any],
@@ -165,7 +209,7 @@ def build_pretrained_backbone(path: str, checkpoint_key: str, flags: argparse.Na
         log(f"{path} has no saved args: the architecture comes from its weights ({config['arch']}/"
             f"{config['patch_size']}, depth {config['depth']}, {config['readout'].upper()} read-out; flags override)")
     model = build_backbone(config)
-    described = ", ".join(f"{name}={value}" for name, value in config.items())
+    described = ", ".join(f"{name}={config[name]}" for name in readout_flags(config))
     report = load_pretrained_weights(model, weights, strict=True, verbose=False, architecture=described)
     if log is not None:
         log(f"loaded {len(report.loaded)} tensors from {path} (key {checkpoint_key!r}); model: {described}")

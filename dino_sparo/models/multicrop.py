@@ -26,9 +26,9 @@ class MultiCropWrapper(nn.Module):
     N local crops: another), and the head runs once on the features of all crops, so its batch statistics
     (BatchNorm) and kernels see the whole multi-crop batch. Outputs are in crop order.
 
-    With a frozen prefix (a retrofit: :meth:`VisionTransformer.freeze_prefix`), :meth:`frozen_prefix` computes
-    the frozen blocks' outputs once, without a graph, and :meth:`forward` takes them as ``prefix``: the student
-    and the teacher (whose frozen parts are identical) share one computation of them.
+    With frozen blocks (a retrofit: :meth:`VisionTransformer.freeze_blocks`), :meth:`frozen_tokens` computes
+    the frozen blocks' outputs once, without a graph, and :meth:`forward` starts from them: the student and the
+    teacher (whose frozen parts are identical) share one computation of them.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
@@ -37,22 +37,22 @@ class MultiCropWrapper(nn.Module):
         self.head = head
 
     @torch.no_grad()
-    def frozen_prefix(self, crops: Sequence[torch.Tensor], num_blocks: int) -> list[torch.Tensor]:
-        """The tokens after the first ``num_blocks`` (frozen) blocks, one tensor per resolution group."""
-        return [self.backbone.prefix_tokens(torch.cat(list(crops[start:end])), num_blocks)
+    def frozen_tokens(self, crops: Sequence[torch.Tensor], frozen_blocks: int) -> list[torch.Tensor]:
+        """The tokens after the first ``frozen_blocks`` blocks, one tensor per resolution group."""
+        return [self.backbone.frozen_tokens(torch.cat(list(crops[start:end])), frozen_blocks)
                 for start, end in resolution_groups(crops)]
 
-    def forward(self, crops: torch.Tensor | Sequence[torch.Tensor], prefix: Sequence[torch.Tensor] | None = None,
-                prefix_blocks: int = 0) -> torch.Tensor:
-        """Head outputs of ``crops``; with ``prefix`` (from :meth:`frozen_prefix` of these crops, or of a list that
-        starts with them) the backbone starts after ``prefix_blocks`` blocks."""
+    def forward(self, crops: torch.Tensor | Sequence[torch.Tensor],
+                frozen_tokens: Sequence[torch.Tensor] | None = None, frozen_blocks: int = 0) -> torch.Tensor:
+        """Head outputs of ``crops``; with ``frozen_tokens`` (from :meth:`frozen_tokens` of these crops, or of a
+        list that starts with them) the backbone starts after ``frozen_blocks`` blocks."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         features = []
         for index, (start, end) in enumerate(resolution_groups(crops)):
-            if prefix is None:
+            if frozen_tokens is None:
                 features.append(self.backbone(torch.cat(list(crops[start:end]))))
             else:
                 rows = sum(crop.shape[0] for crop in crops[start:end])
-                features.append(self.backbone.forward_from(prefix[index][:rows], prefix_blocks))
+                features.append(self.backbone.forward_from(frozen_tokens[index][:rows], frozen_blocks))
         return self.head(torch.cat(features))

@@ -1,9 +1,9 @@
-"""DINO's ViT-Tiny/Small/Base built from timm, with a choice of read-out: CLS, SPARO or patch-token mean."""
+"""DINO's ViT-Tiny/Small/Base built from timm, ending in a read-out of :data:`~.readouts.READOUTS` (SPARO, CLS, ...)."""
 from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -11,24 +11,34 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
 
-from .sparo import SPARO
+from .readouts import READOUTS, Readout
 
-READOUTS = ("sparo", "cls", "gap")
 POS_EMBED_INTERPOLATIONS = ("dino", "timm")
 ARCHS = {
     "vit_tiny": dict(embed_dim=192, num_heads=3),
     "vit_small": dict(embed_dim=384, num_heads=6),
     "vit_base": dict(embed_dim=768, num_heads=12),
 }
+# Every read-out's options with their defaults: a model config carries them all, the chosen read-out reads its own.
+READOUT_OPTION_DEFAULTS: dict[str, Any] = {option.flag: option.default for readout in READOUTS.values()
+                                           for option in readout.options}
+# First components of the backbone's own state-dict keys (the read-out's are its ``state_prefix``).
+BACKBONE_KEY_ROOTS = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
+
+
+def replaced_blocks(readout: str, readout_replace_blocks: int | None) -> int:
+    """Final blocks the read-out replaces: as given, else the read-out's own default (SPARO: 1, CLS: 0)."""
+    return READOUTS[readout].replaced_blocks if readout_replace_blocks is None else readout_replace_blocks
 
 
 class VisionTransformer(TimmVisionTransformer):
     """timm's ViT configured as DINO's, returning ``feature_dim`` features from the chosen read-out.
 
     Parameter names are timm's, which are also DINO's (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
-    ``blocks.i.*``, ``norm``), so official DINO and timm weights load into the shared blocks. For
-    ``readout="sparo"`` the last ``sparo_replace_blocks`` blocks are removed and a :class:`SPARO` module reads
-    the final-normed tokens, CLS token included.
+    ``blocks.i.*``, ``norm``), so official DINO and timm weights load into the shared blocks. The last
+    ``readout_replace_blocks`` blocks (default: the read-out's own, 1 for SPARO) are removed, and the read-out,
+    held as the attribute its ``state_prefix`` names (``sparo``), reads the final-normed tokens, CLS included.
+    ``readout_options`` are read-out flags by name (``sparo_slots=16``); those of other read-outs are ignored.
     """
 
     def __init__(
@@ -40,26 +50,22 @@ class VisionTransformer(TimmVisionTransformer):
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
-        readout: Literal["sparo", "cls", "gap"] = "sparo",
-        sparo_slots: int = 64,
-        sparo_slot_dim: int = 64,
-        sparo_attn_dim: int | None = None,
-        sparo_share_kv: bool = True,
-        sparo_slot_norm: bool = True,
-        sparo_logit_scale: bool = False,
-        sparo_query_init_std: float = 1.0,
-        sparo_key_init_gain: float = 4.0,
-        sparo_replace_blocks: int = 1,
+        readout: str = "sparo",
+        readout_replace_blocks: int | None = None,
         pos_embed_interpolation: Literal["dino", "timm"] = "dino",
+        **readout_options: Any,
     ) -> None:
         if readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+            raise ValueError(f"readout must be one of {tuple(READOUTS)}, got {readout!r}")
+        unknown = sorted(set(readout_options) - set(READOUT_OPTION_DEFAULTS))
+        if unknown:
+            raise TypeError(f"unknown read-out option(s): {', '.join(unknown)}")
         if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
             raise ValueError(f"pos_embed_interpolation must be one of {POS_EMBED_INTERPOLATIONS}, "
                              f"got {pos_embed_interpolation!r}")
-        if readout == "sparo" and not 1 <= sparo_replace_blocks < depth:
-            raise ValueError(f"sparo_replace_blocks must be in [1, depth-1] = [1, {depth - 1}], "
-                             f"got {sparo_replace_blocks}")
+        replaced = replaced_blocks(readout, readout_replace_blocks)
+        if not 0 <= replaced < depth:
+            raise ValueError(f"readout_replace_blocks must be in [0, depth-1] = [0, {depth - 1}], got {replaced}")
         # Built at full depth so the stochastic-depth rates of the kept blocks equal DINO's.
         super().__init__(
             img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
@@ -70,13 +76,18 @@ class VisionTransformer(TimmVisionTransformer):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.readout = readout
         self.pos_embed_interpolation = pos_embed_interpolation
-        self.sparo: SPARO | None = None
-        if readout == "sparo":
-            self.blocks = self.blocks[: depth - sparo_replace_blocks]
-            attn_dim = sparo_attn_dim if sparo_attn_dim is not None else embed_dim // num_heads
-            self.sparo = SPARO(embed_dim, sparo_slots, sparo_slot_dim, attn_dim, sparo_share_kv, sparo_slot_norm,
-                               sparo_logit_scale, sparo_query_init_std, sparo_key_init_gain)
-        self.feature_dim = self.sparo.output_dim if self.sparo is not None else embed_dim
+        if replaced:
+            self.blocks = self.blocks[: depth - replaced]
+        readout_class = READOUTS[readout]
+        self._readout_attribute = readout_class.state_prefix
+        self.add_module(readout_class.state_prefix, readout_class.from_config(
+            {**READOUT_OPTION_DEFAULTS, **readout_options}, embed_dim, num_heads, self.num_prefix_tokens))
+        self.feature_dim = self.readout_module.output_dim
+
+    @property
+    def readout_module(self) -> Readout:
+        """The read-out (also reachable by its state prefix, e.g. ``model.sparo``)."""
+        return self._modules[self._readout_attribute]
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Adds (resampled) position embeddings to NHWC patch tokens and prepends the CLS token."""
@@ -99,49 +110,43 @@ class VisionTransformer(TimmVisionTransformer):
         """Final-normed token outputs (B, N, D) of the remaining blocks: what the read-out sees."""
         return self.norm(self.blocks(self.prepare_tokens(x)))
 
-    def prefix_tokens(self, x: torch.Tensor, num_blocks: int) -> torch.Tensor:
-        """Tokens after the embeddings and the first ``num_blocks`` blocks: the input of :meth:`forward_from`."""
+    def frozen_tokens(self, x: torch.Tensor, frozen_blocks: int) -> torch.Tensor:
+        """Tokens after the embeddings and the first ``frozen_blocks`` blocks: the input of :meth:`forward_from`."""
         x = self.prepare_tokens(x)
-        for block in self.blocks[:num_blocks]:
+        for block in self.blocks[:frozen_blocks]:
             x = block(x)
         return x
 
-    def forward_from(self, tokens: torch.Tensor, first_block: int) -> torch.Tensor:
-        """The read-out of ``tokens`` from :meth:`prefix_tokens` (``first_block`` blocks already applied) run
-        through the remaining blocks: ``forward(x) == forward_from(prefix_tokens(x, k), k)`` for every k."""
-        for block in self.blocks[first_block:]:
+    def forward_from(self, tokens: torch.Tensor, frozen_blocks: int) -> torch.Tensor:
+        """The read-out of ``tokens`` from :meth:`frozen_tokens` (``frozen_blocks`` blocks already applied) run
+        through the remaining blocks: ``forward(x) == forward_from(frozen_tokens(x, k), k)`` for every k."""
+        for block in self.blocks[frozen_blocks:]:
             tokens = block(tokens)
-        return self.readout_features(self.norm(tokens))
+        return self.readout_module(self.norm(tokens))
 
-    def freeze_prefix(self, num_blocks: int) -> None:
-        """Freezes the patch and position embeddings, the CLS token and the first ``num_blocks`` blocks (no
+    def freeze_blocks(self, frozen_blocks: int) -> None:
+        """Freezes the patch and position embeddings, the CLS token and the first ``frozen_blocks`` blocks (no
         gradients), and turns off stochastic depth inside those blocks, whose outputs are then computed once and
         shared (see :class:`~dino_sparo.models.multicrop.MultiCropWrapper`)."""
-        if not 0 <= num_blocks <= len(self.blocks):
-            raise ValueError(f"cannot freeze {num_blocks} blocks: the model keeps {len(self.blocks)} before its "
+        if not 0 <= frozen_blocks <= len(self.blocks):
+            raise ValueError(f"cannot freeze {frozen_blocks} blocks: the model keeps {len(self.blocks)} before its "
                              f"read-out")
-        for module in (self.patch_embed, *self.blocks[:num_blocks]):
+        for module in (self.patch_embed, *self.blocks[:frozen_blocks]):
             module.requires_grad_(False)
         self.cls_token.requires_grad_(False)
         self.pos_embed.requires_grad_(False)
-        for block in self.blocks[:num_blocks]:
+        for block in self.blocks[:frozen_blocks]:
             block.drop_path1, block.drop_path2 = nn.Identity(), nn.Identity()
 
-    def readout_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.readout == "cls":
-            return tokens[:, 0]
-        if self.readout == "gap":
-            return tokens[:, self.num_prefix_tokens:].mean(dim=1)
-        return self.sparo(tokens)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.readout_features(self.tokens(x))
+        return self.readout_module(self.tokens(x))
 
     def get_slot_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-slot attention over the tokens (B, L, N); each row sums to 1."""
-        if self.sparo is None:
-            raise ValueError(f"get_slot_attention needs readout='sparo', this model's read-out is {self.readout!r}")
-        return self.sparo(self.tokens(x), return_attention=True)[1]
+        """The read-out's attention maps over the tokens (B, M, N), one row per slot (SPARO); rows sum to 1."""
+        if not self.readout_module.has_attention_maps:
+            raise ValueError(f"get_slot_attention needs a read-out with attention maps; this model's read-out is "
+                             f"{self.readout!r}")
+        return self.readout_module.attention_maps(self.tokens(x))
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Self-attention (B, heads, N, N) of the last remaining transformer block."""

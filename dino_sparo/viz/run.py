@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..checkpoint import write_json_atomic
 from ..cli import ensure_writable_dir
 from ..distributed import resolve_device
 from ..errors import UserError
 from ..eval.slot_stats import PEAKEDNESS_HELP, SlotStatistics, slot_statistics
 from ..eval.slots import check_slots
 from ..models.config import build_pretrained_backbone
+from ..utils.files import write_json_atomic
 from . import render
 from .attention import head_cls_attention, patch_grid, slot_attention
 from .images import PreparedImage, find_images, prepare_images
@@ -34,12 +34,13 @@ def _choose_slots(args: argparse.Namespace, scores: torch.Tensor) -> tuple[list[
 def _check_slot_request(args: argparse.Namespace, model: torch.nn.Module) -> bool:
     """Whether to draw slots; a request that cannot be met is a :class:`UserError`."""
     asked = args.slots is not None or args.top_slots is not None
-    if model.sparo is None:
+    readout = model.readout_module
+    if not readout.has_attention_maps:
         if asked:
-            raise UserError(f"{args.pretrained_weights} is a {model.readout!r} read-out model with no SPARO slots; "
-                            f"drop --slots/--top_slots to draw the per-head CLS attention only")
+            raise UserError(f"{args.pretrained_weights} is a {model.readout!r} read-out model with no attention "
+                            f"maps; drop --slots/--top_slots to draw the per-head CLS attention only")
         return False
-    check_slots(args.slots or [], model.sparo.num_slots)
+    check_slots(args.slots or [], readout.num_maps)
     return True
 
 
@@ -92,8 +93,9 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
         stats = SlotStatistics.mean(slot_stats)
         scores = stats.peakedness
         chosen, how = _choose_slots(args, scores)
+        label = model.readout_module.map_label
         rows = _tile_rows(images, slot_maps, chosen,
-                          lambda slot, i: f"slot {slot} cls {cls_weights[i][slot]:.2f}", args.tile_size, args.alpha)
+                          lambda slot, i: f"{label} {slot} cls {cls_weights[i][slot]:.2f}", args.tile_size, args.alpha)
         render.grid(rows).save(output_dir / "slots.png")
         summary["files"].append("slots.png")
         summary["slot_selection"] = how

@@ -47,7 +47,7 @@ def _install(spec: str) -> None:
     action, where = parts[0], parts[-1]
     signal_name = parts[1] if action in ("signal", "group") else None
     if where == "setup":
-        import dino_sparo.train as train
+        import dino_sparo.train.trainer as train
 
         original_build = train.build_models
 
@@ -62,7 +62,7 @@ def _install(spec: str) -> None:
     count = int(count)
     calls = [0]
     if counter == "step":
-        from dino_sparo.train_step import TrainStep
+        from dino_sparo.train.step import TrainStep
 
         original_step = TrainStep.__call__
 
@@ -79,6 +79,7 @@ def _install(spec: str) -> None:
     import torch
 
     import dino_sparo.checkpoint as checkpoint
+    from dino_sparo.utils.files import temporary_path
 
     original_save = checkpoint.save_atomic
 
@@ -87,7 +88,7 @@ def _install(spec: str) -> None:
         if calls[0] == count and _armed():
             buffer = io.BytesIO()
             torch.save(obj, buffer)
-            with open(checkpoint._temporary_path(os.fspath(path)), "wb") as handle:
+            with open(temporary_path(path), "wb") as handle:
                 handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
                 handle.flush()
                 os.fsync(handle.fileno())

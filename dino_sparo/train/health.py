@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .distributed import is_dist_initialized
-from .errors import NonFiniteLossError
+from ..distributed import is_dist_initialized
+from ..errors import NonFiniteLossError
 
 
 class NonFiniteWatch:

@@ -1,5 +1,5 @@
-"""Everything a DINO run sets up before its first step: checked flags, precision, seeds, data, the student and
-teacher, their distributed wrappers and the per-iteration schedules."""
+"""Everything a DINO run sets up before its first step: checked and resolved flags, precision, seeds, data, the
+student and teacher, and their distributed wrappers."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,6 @@ import json
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,18 +15,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .checkpoint import remove_stale_temporaries
-from .cli import ensure_writable_dir
-from .data.augment import DataAugmentationDINO, MultiCropUint8
-from .data.datasets import ImageDataset, ResumableDistributedSampler
-from .data.demo import DEMO_CLASS_LABEL, ensure_demo_dataset
-from .data.device_augment import DeviceAugmentation, StepViews
-from .distributed import DistributedContext, is_dist_initialized, resolve_device
-from .errors import UserError
-from .models import DINOHead, MultiCropWrapper
-from .models.config import build_backbone, resolve_model_config
+from ..cli import ensure_writable_dir
+from ..data.augment import DataAugmentationDINO, MultiCropUint8
+from ..data.datasets import ImageDataset, ResumableDistributedSampler
+from ..data.demo import DEMO_CLASS_LABEL, ensure_demo_dataset
+from ..data.device_augment import DeviceAugmentation, StepViews
+from ..distributed import DistributedContext, is_dist_initialized, resolve_device
+from ..errors import UserError
+from ..models import DINOHead, MultiCropWrapper
+from ..models.config import build_backbone, resolve_model_config
+from ..models.vision_transformer import replaced_blocks
+from ..utils.files import remove_stale_temporaries
 from .preemption import ignore_preemption_signals
-from .schedules import cosine_scheduler
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 AUGMENT_DEVICES = ("auto", "pil", "cpu", "cuda")
@@ -58,19 +57,19 @@ def validate_args(args: argparse.Namespace) -> None:
         check(getattr(args, name) % args.patch_size == 0,
               f"--{name} {getattr(args, name)} is not a multiple of --patch_size {args.patch_size}")
     if args.freeze_blocks not in (None, "all"):
-        kept = kept_blocks(args)
-        check(0 <= args.freeze_blocks <= kept, f"--freeze_blocks {args.freeze_blocks} is out of range: this model "
-              f"keeps {kept} blocks before its read-out (0 to {kept}, or all)")
+        blocks = encoder_blocks(args)
+        check(0 <= args.freeze_blocks <= blocks, f"--freeze_blocks {args.freeze_blocks} is out of range: this model "
+              f"keeps {blocks} blocks before its read-out (0 to {blocks}, or all)")
 
 
-def kept_blocks(args: argparse.Namespace) -> int:
-    """Transformer blocks before the read-out: ``--depth``, less those SPARO replaces."""
-    return args.depth - (args.sparo_replace_blocks if args.readout == "sparo" else 0)
+def encoder_blocks(args: argparse.Namespace) -> int:
+    """Transformer blocks before the read-out: ``--depth``, less those the read-out replaces."""
+    return args.depth - replaced_blocks(args.readout, args.readout_replace_blocks)
 
 
 def frozen_blocks(args: argparse.Namespace) -> int | None:
     """How many blocks ``--freeze_blocks`` freezes (``all``: every block before the read-out); None: no freezing."""
-    return kept_blocks(args) if args.freeze_blocks == "all" else args.freeze_blocks
+    return encoder_blocks(args) if args.freeze_blocks == "all" else args.freeze_blocks
 
 
 def jsonable_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,20 +103,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def resolve_data_paths(args: argparse.Namespace, ctx: DistributedContext, say: Say) -> None:
-    """Fills ``--data_path`` (and the k-NN folder) for the demo, and checks the folders before any work."""
-    if args.demo and not args.data_path:
-        root = ensure_demo_dataset(args.demo_data_dir, num_train=args.demo_num_images,
-                                   num_val=max(1, args.demo_num_images // 4), verbose=ctx.is_main)
-        args.data_path = os.path.join(root, "train")
-        args.knn_data_path = args.knn_data_path or root
+def resolve_args(args: argparse.Namespace, is_main: bool, say: Say) -> argparse.Namespace:
+    """A copy of ``args`` with what defaults leave open filled in: the model config (so the checkpoint's saved args
+    name the architecture exactly) and, for the demo, the data folders (generated on first use). The folders are
+    checked before any work."""
+    resolved = argparse.Namespace(**{**vars(args), **resolve_model_config(args)})
+    if resolved.demo and not resolved.data_path:
+        root = ensure_demo_dataset(resolved.demo_data_dir, num_train=resolved.demo_num_images,
+                                   num_val=max(1, resolved.demo_num_images // 4), verbose=is_main)
+        resolved.data_path = os.path.join(root, "train")
+        resolved.knn_data_path = resolved.knn_data_path or root
         say(f"demo data: {root} (class folders = {DEMO_CLASS_LABEL}; all attributes in attributes.csv)")
-    if not args.data_path:
+    if not resolved.data_path:
         raise UserError("no data given: pass --data_path FOLDER (or --demo for the built-in demo data)")
-    for split in ("train", "val") if args.knn_data_path else ():
+    for split in ("train", "val") if resolved.knn_data_path else ():
         # checked now, not after hours of training
-        if not os.path.isdir(os.path.join(args.knn_data_path, split)):
-            raise UserError(f"--knn_data_path {args.knn_data_path} has no {split}/ folder")
+        if not os.path.isdir(os.path.join(resolved.knn_data_path, split)):
+            raise UserError(f"--knn_data_path {resolved.knn_data_path} has no {split}/ folder")
+    return resolved
 
 
 def prepare_output_dir(output_dir: str, is_main: bool, say: Say) -> None:
@@ -178,7 +181,7 @@ def build_models(args: argparse.Namespace, device: torch.device) -> tuple[MultiC
                                DINOHead(backbone.feature_dim, args.out_dim, norm_last_layer=True, **head_sizes))
     teacher.load_state_dict(student.state_dict())
     if frozen_blocks(args) is not None:
-        student.backbone.freeze_prefix(frozen_blocks(args))
+        student.backbone.freeze_blocks(frozen_blocks(args))
     student.to(device)
     teacher.to(device)
     teacher.requires_grad_(False)
@@ -201,31 +204,3 @@ def wrap_for_distributed(student: nn.Module, teacher: nn.Module, args: argparse.
         return student, student, teacher
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(student, device_ids=device_ids), student, teacher
-
-
-@dataclass
-class Schedules:
-    """Per-iteration values over the whole run, as DINO's ``cosine_scheduler`` arrays."""
-    lr: np.ndarray
-    weight_decay: np.ndarray
-    momentum: np.ndarray
-
-    def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> None:
-        """Sets ``iteration``'s learning rate on every group (times its ``lr_mult``) and its weight decay on the
-        ``regularized`` groups only (biases and norms are never decayed), as the reference does. Groups restored
-        from checkpoints that predate the mark follow the reference's rule: group 0 is the regularised one."""
-        for index, group in enumerate(optimizer.param_groups):
-            group["lr"] = float(self.lr[iteration]) * group.get("lr_mult", 1.0)
-            if group.get("regularized", index == 0):
-                group["weight_decay"] = float(self.weight_decay[iteration])
-
-
-def build_schedules(args: argparse.Namespace, niter_per_epoch: int, world_size: int) -> Schedules:
-    """The learning rate scales linearly with the global batch (lr is given for 256 images), warms up linearly
-    and decays by a cosine to min_lr; weight decay rises by a cosine; the teacher momentum rises to 1."""
-    peak_lr = args.lr * args.batch_size_per_gpu * world_size / 256.0
-    return Schedules(
-        lr=cosine_scheduler(peak_lr, args.min_lr, args.epochs, niter_per_epoch, warmup_epochs=args.warmup_epochs),
-        weight_decay=cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_epoch),
-        momentum=cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter_per_epoch),
-    )

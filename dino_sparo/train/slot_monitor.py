@@ -8,17 +8,17 @@ import time
 import torch
 from PIL import Image
 
-from .data.datasets import ImageDataset, evenly_spaced
-from .data.transforms import eval_view, normalize
-from .eval.slot_stats import measure_slots
-from .logging import TrainingLog
-from .viz import render
-from .viz.attention import patch_grid
+from ..data.datasets import ImageDataset, evenly_spaced
+from ..data.transforms import eval_view, normalize
+from ..eval.slot_stats import measure_slots
+from ..viz import render
+from ..viz.attention import patch_grid
+from .metrics import TrainingLog
 
 
 class SlotMonitor:
     """``count`` training images (evenly spaced over the data set), resized and centre-cropped to the global crop
-    size, on which :meth:`__call__` measures a SPARO backbone's slots."""
+    size, on which :meth:`__call__` measures the attention maps of a backbone's read-out (SPARO's slots)."""
 
     def __init__(self, data_path: str, crop_size: int, device: torch.device, count: int = 16, viz_freq: int = 5,
                  slots_drawn: int = 8) -> None:
@@ -45,6 +45,7 @@ class SlotMonitor:
         grid_size = (self.images.shape[-2] // patch, self.images.shape[-1] // patch)
         maps = patch_grid(attention, grid_size, backbone.num_prefix_tokens)  # (B, L, rows, cols)
         chosen = torch.argsort(peakedness, descending=True, stable=True)[: self.slots_drawn].tolist()
-        rows = [[render.labelled(render.overlay(pixels, maps[image, slot], 64), f"slot {slot}")
+        label = backbone.readout_module.map_label
+        rows = [[render.labelled(render.overlay(pixels, maps[image, slot], 64), f"{label} {slot}")
                  for image, pixels in enumerate(self.pixels)] for slot in chosen]
         return render.grid(rows)

@@ -6,7 +6,6 @@ logging interval, so training steps do not wait on the accelerator in between.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import time
 from collections import deque
@@ -16,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distributed import is_dist_initialized
+from ..distributed import is_dist_initialized
+from ..utils.files import append_json_line
 
 
 class SmoothedValue:
@@ -105,12 +105,6 @@ def max_memory_mb(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return None
-
-
-def append_json_line(path: str, record: Mapping[str, Any]) -> None:
-    """One JSON line appended to ``path`` (the reference's ``log.txt`` format: one line per epoch)."""
-    with open(path, "a") as handle:
-        handle.write(json.dumps(dict(record)) + "\n")
 
 
 class TrainingLog:

@@ -6,36 +6,47 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .data.device_augment import StepViews
-from .distributed import DistributedContext, any_rank, is_dist_initialized
+from ..data.device_augment import StepViews
+from ..distributed import DistributedContext, is_dist_initialized
 from .health import NonFiniteWatch
-from .logging import MetricLogger, TrainingLog, max_memory_mb
+from .metrics import MetricLogger, TrainingLog, max_memory_mb
 from .preemption import PreemptionGuard
-from .train_setup import Schedules
-from .train_step import TrainStep
+from .schedules import Schedules
+from .step import TrainStep
+
+
+@dataclass
+class EpochOutcome:
+    """What an epoch did: its ``stats`` (log.txt's record), and ``stopped_at``, the next iteration to run, when a
+    preemption signal ended it early (None: the epoch is complete)."""
+    stats: dict[str, Any]
+    stopped_at: int | None = None
 
 
 def train_one_epoch(step: TrainStep, loader: Iterable, views: StepViews, epoch: int, niter: int,
                     schedules: Schedules, ctx: DistributedContext, log: TrainingLog, say: Callable[[str], None],
                     args: argparse.Namespace, guard: PreemptionGuard | None = None,
-                    first_iteration: int = 0) -> dict[str, Any]:
+                    first_iteration: int = 0) -> EpochOutcome:
     """Trains from ``first_iteration`` to the end of the epoch, or, when a preemption signal arrived, to an
-    iteration all ranks agree on: then the stats carry ``stopped_at_iteration`` (the next one to run)."""
+    iteration all ranks agree on."""
     metrics = MetricLogger(f"Epoch: [{epoch}/{args.epochs}]", niter)
     nonfinite = NonFiniteWatch(niter, ctx.device)
     skipped = 0
     epoch_start = interval_start = last_ready = time.time()
-    data_time = 0.0
+    data_time = data_wait = 0.0
     images_per_step = args.batch_size_per_gpu * ctx.world_size
     stopped_at = None
     steps_run = 0
     for index, (crops, _, skipped_here) in enumerate(loader, start=first_iteration):
         steps_run += 1
-        data_time += time.time() - last_ready
+        waited = time.time() - last_ready
+        data_time += waited
+        data_wait += waited
         iteration = epoch * niter + index
         schedules.apply(step.optimizer, iteration)
         crops = views(crops, iteration)
@@ -56,7 +67,7 @@ def train_one_epoch(step: TrainStep, loader: Iterable, views: StepViews, epoch: 
                                       max_memory_mb(ctx.device)))
             log.scalars({**latest, "images_per_s": images_per_s}, iteration)
             interval_start, data_time = time.time(), 0.0
-        if guard is not None and index < niter - 1 and _preemption_agreed(guard, index, args.log_freq):
+        if guard is not None and index < niter - 1 and guard.agreed_stop(index):
             nonfinite.raise_if_any(epoch)  # never save a state that has gone non-finite
             stopped_at = index + 1
             say(f"preemption signal received: stopping at epoch {epoch}, iteration {stopped_at} of {niter}")
@@ -69,19 +80,10 @@ def train_one_epoch(step: TrainStep, loader: Iterable, views: StepViews, epoch: 
     epoch_time = time.time() - epoch_start
     stats = {f"train_{name}": value for name, value in averages.items()}
     stats.update(epoch=epoch, images_per_s=images_per_step * steps_run / epoch_time, epoch_time_s=round(epoch_time, 2),
-                 skipped_images=skipped)
+                 data_wait_share=round(data_wait / max(epoch_time, 1e-9), 4), skipped_images=skipped)
     if stopped_at is not None:
-        stats["stopped_at_iteration"] = stopped_at
-        return stats
+        return EpochOutcome(stats, stopped_at)
     say(f"Epoch {epoch} done in {epoch_time:.1f}s: loss {stats['train_loss']:.4f}, teacher entropy "
         f"{stats['train_teacher_entropy']:.3f} nats, student/teacher agreement {stats['train_agreement']:.3f}"
         + (f", skipped {skipped} unreadable images" if skipped else ""))
-    return stats
-
-
-def _preemption_agreed(guard: PreemptionGuard, index: int, log_freq: int) -> bool:
-    """Whether to stop after iteration ``index``. One process checks its flag every iteration; several agree
-    at logging intervals only, where the loop already synchronises, so steps stay free of host syncs."""
-    if not is_dist_initialized():
-        return guard.requested
-    return (index + 1) % log_freq == 0 and any_rank(guard.requested)
+    return EpochOutcome(stats)

@@ -7,8 +7,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from .loss import DINOLoss, training_signals
-from .optim import cancel_gradients_last_layer, clip_gradients, update_teacher
+from ..loss import DINOLoss, training_signals
+from ..optim import cancel_gradients_last_layer, clip_gradients, update_teacher
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -43,8 +43,8 @@ class TrainStep:
         with self.autocast():
             shared = {}
             if self.frozen_blocks is not None:
-                prefix = self.student_module.frozen_prefix(crops, self.frozen_blocks)
-                shared = {"prefix": prefix, "prefix_blocks": self.frozen_blocks}
+                shared = {"frozen_tokens": self.student_module.frozen_tokens(crops, self.frozen_blocks),
+                          "frozen_blocks": self.frozen_blocks}
             with torch.no_grad():
                 teacher_output = self.teacher(crops[:2], **shared)
             student_output = self.student(crops, **shared)

@@ -1,0 +1,7 @@
+"""DINO pretraining, top-down in :mod:`.trainer`: set-up (:mod:`.setup`), the epoch loop (:mod:`.loop`), the
+optimisation step (:mod:`.step`), schedules, health checks, the slot monitor, metrics and preemption."""
+from __future__ import annotations
+
+from .trainer import TrainResult, train_dino
+
+__all__ = ["TrainResult", "train_dino"]

@@ -1,0 +1,50 @@
+"""Per-iteration schedules (learning rate, weight decay, teacher momentum) as in DINO."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
+                     warmup_epochs: int = 0, start_warmup_value: float = 0) -> np.ndarray:
+    """One value per iteration (``epochs * niter_per_ep``): a linear warm-up from ``start_warmup_value`` to
+    ``base_value`` over ``warmup_epochs``, then a cosine from ``base_value`` down (or up) to ``final_value``."""
+    total = epochs * niter_per_ep
+    warmup_iters = min(warmup_epochs * niter_per_ep, total)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
+    steps = np.arange(total - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(1, len(steps))))
+    schedule = np.concatenate((warmup, cosine))
+    assert len(schedule) == total
+    return schedule
+
+
+@dataclass
+class Schedules:
+    """Per-iteration values over the whole run, as DINO's ``cosine_scheduler`` arrays."""
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+
+    def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> None:
+        """Sets ``iteration``'s learning rate on every group (times its ``lr_mult``) and its weight decay on the
+        ``regularized`` groups only (biases and norms are never decayed), as the reference does. Groups restored
+        from checkpoints that predate the mark follow the reference's rule: group 0 is the regularised one."""
+        for index, group in enumerate(optimizer.param_groups):
+            group["lr"] = float(self.lr[iteration]) * group.get("lr_mult", 1.0)
+            if group.get("regularized", index == 0):
+                group["weight_decay"] = float(self.weight_decay[iteration])
+
+
+def build_schedules(args: argparse.Namespace, niter_per_epoch: int, world_size: int) -> Schedules:
+    """The learning rate scales linearly with the global batch (lr is given for 256 images), warms up linearly
+    and decays by a cosine to min_lr; weight decay rises by a cosine; the teacher momentum rises to 1."""
+    peak_lr = args.lr * args.batch_size_per_gpu * world_size / 256.0
+    return Schedules(
+        lr=cosine_scheduler(peak_lr, args.min_lr, args.epochs, niter_per_epoch, warmup_epochs=args.warmup_epochs),
+        weight_decay=cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_epoch),
+        momentum=cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter_per_epoch),
+    )

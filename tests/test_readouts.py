@@ -1,0 +1,194 @@
+"""Every registered read-out, through everything that uses one: the model's forward and backward, a checkpoint
+round trip, architecture inference from the weights alone, training, eval_knn.py, eval_linear.py and (where the
+read-out has attention maps) visualize_sparo.py and the slot statistics. A new read-out is covered by adding it
+to the registry."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import balanced, make_image_folder, make_images, tiny_args
+
+import eval_knn
+import eval_linear
+import visualize_sparo
+from dino_sparo.checkpoint import TrainState, read_checkpoint
+from dino_sparo.data.datasets import ImageDataset
+from dino_sparo.data.transforms import eval_transform
+from dino_sparo.models import MODEL_DEFAULTS, READOUTS, DINOHead, MultiCropWrapper, build_backbone
+from dino_sparo.models.config import build_pretrained_backbone, resolve_model_config
+from dino_sparo.optim import get_params_groups
+from dino_sparo.train import train_dino
+
+NAMES = list(READOUTS)
+TINY = dict(MODEL_DEFAULTS, arch="vit_tiny", patch_size=8, depth=3, sparo_slots=4, sparo_slot_dim=8)
+EVAL_SIZES = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "16"]
+
+
+def tiny_model(name: str, **overrides):
+    torch.manual_seed(0)
+    return build_backbone(dict(TINY, readout=name, **overrides))
+
+
+def save_checkpoint(path, name: str, **overrides) -> torch.nn.Module:
+    """A checkpoint as main_dino.py writes it (through the one writer), for a tiny model with read-out ``name``."""
+    config = resolve_model_config(dict(TINY, readout=name, **overrides))
+    backbone = build_backbone(config)
+    teacher = MultiCropWrapper(backbone, DINOHead(backbone.feature_dim, 64, hidden_dim=32, bottleneck_dim=16))
+    optimizer = torch.optim.SGD(teacher.parameters(), lr=0.1)
+    args = dict(config, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, use_bn_in_head=False)
+    TrainState(teacher, teacher, optimizer, torch.nn.Module(), None, args).save(path, epoch=1)
+    return backbone.eval()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("readouts") / "data"),
+                             {"train": balanced(4, 6), "val": balanced(4, 3)}, contrast=60)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_and_backward_shapes(name):
+    model = tiny_model(name)
+    readout = model.readout_module
+    assert model.readout == name and readout.name == name and type(readout) is READOUTS[name]
+    assert getattr(model, readout.state_prefix) is readout
+    assert len(model.blocks) == TINY["depth"] - READOUTS[name].replaced_blocks
+    assert model.feature_dim == readout.output_dim
+    for size in ((32, 32), (16, 24)):
+        features = model(torch.randn(2, 3, *size))
+        assert features.shape == (2, model.feature_dim)
+        features.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    if readout.has_attention_maps:
+        maps = model.get_slot_attention(torch.randn(2, 3, 32, 32))
+        assert maps.shape == (2, readout.num_maps, 1 + 16)
+        torch.testing.assert_close(maps.sum(-1), torch.ones(2, readout.num_maps))
+    else:
+        with pytest.raises(ValueError, match="attention maps"):
+            model.get_slot_attention(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_forward_equals_forward(name):
+    model = tiny_model(name).double().eval()
+    tokens = torch.randn(3, 17, 192, dtype=torch.float64)
+    torch.testing.assert_close(model.readout_module.reference_forward(tokens), model.readout_module(tokens))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_replaced_blocks_can_be_set_for_every_read_out(name):
+    on_top = tiny_model(name, readout_replace_blocks=0)
+    two_replaced = tiny_model(name, readout_replace_blocks=2)
+    assert len(on_top.blocks) == 3 and len(two_replaced.blocks) == 1
+    assert on_top(torch.randn(1, 3, 32, 32)).shape == (1, on_top.feature_dim)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_round_trip(name, tmp_path):
+    model = save_checkpoint(tmp_path / "checkpoint.pth", name)
+    loaded, config = build_pretrained_backbone(str(tmp_path / "checkpoint.pth"), "teacher", {}, log=None)
+    assert config["readout"] == name and type(loaded.readout_module) is READOUTS[name]
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(images), model(images))
+    assert read_checkpoint(tmp_path / "checkpoint.pth")["args"]["readout_replace_blocks"] == \
+        READOUTS[name].replaced_blocks
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_architecture_inferred_from_the_weights_alone(name, tmp_path):
+    """A bare backbone state dict (no saved args, as DINO's official files): the read-out is recognised from its
+    tensors; read-outs without tensors cannot be told apart and are evaluated as DINO's CLS read-out."""
+    model = tiny_model(name, readout_replace_blocks=1).eval()
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    loaded, config = build_pretrained_backbone(str(tmp_path / "bare.pth"), "teacher", {}, log=None)
+    has_tensors = any(True for _ in model.readout_module.parameters())
+    expected = name if has_tensors else "cls"
+    assert (config["arch"], config["patch_size"], config["readout"]) == ("vit_tiny", 8, expected)
+    assert len(loaded.blocks) == len(model.blocks)
+    if has_tensors:  # the read-out's own options were inferred too, or the strict load would have failed
+        images = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(loaded(images), model(images))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_groups_cover_every_trainable_parameter_once(name):
+    model = tiny_model(name)
+    groups = get_params_groups(model, dict(TINY, readout=name))
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+    assert groups[0]["regularized"] and groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_logs_the_read_out_and_its_maps(name, tmp_path):
+    images = make_images(tmp_path / "images", count=8, size=32)
+    result = train_dino(tiny_args(images, tmp_path / "out", "--readout", name, "--epochs", "1", "--precision",
+                                  "fp32", "--patch_size", "8"))
+    with open(tmp_path / "out" / "log.txt") as handle:
+        record = json.loads(handle.readline())
+    assert result.student.backbone.readout == name
+    assert ("slot_peakedness" in record) == result.student.backbone.readout_module.has_attention_maps
+    assert record["precision"] == "fp32" and record["device"] == "cpu" and 0 <= record["data_wait_share"] <= 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_knn_uses_the_read_outs_encoding(name, data, tmp_path):
+    model = save_checkpoint(tmp_path / "checkpoint.pth", name)
+    results = eval_knn.main(["--pretrained_weights", str(tmp_path / "checkpoint.pth"), "--data_path", data,
+                             "--nb_knn", "5", "--dump_features", str(tmp_path / "features"), *EVAL_SIZES])
+    assert set(results["knn"]) == {"5"}
+    dumped = torch.load(tmp_path / "features" / "testfeat.pth", weights_only=True)
+    val = ImageDataset(os.path.join(data, "val"), eval_transform(32, 32))
+    first = torch.stack([val[index][0] for index in range(2)])
+    torch.testing.assert_close(dumped[:2], F.normalize(model(first), dim=1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_linear_trains_on_the_read_outs_probe_features(name, data, tmp_path):
+    save_checkpoint(tmp_path / "checkpoint.pth", name)
+    results = eval_linear.main(["--pretrained_weights", str(tmp_path / "checkpoint.pth"), "--data_path", data,
+                                "--epochs", "1", "--output_dir", str(tmp_path / "linear"), *EVAL_SIZES])
+    assert 0 <= results["best_acc"] <= 100 and len(results["history"]) == 1
+    assert READOUTS[name].name.upper() in results["features"] or "CLS tokens" in results["features"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_visualisation_draws_maps_where_the_read_out_has_them(name, data, tmp_path):
+    model = save_checkpoint(tmp_path / "checkpoint.pth", name)
+    summary = visualize_sparo.main(["--pretrained_weights", str(tmp_path / "checkpoint.pth"), "--images",
+                                    os.path.join(data, "val"), "--max_images", "2", "--image_size", "32",
+                                    "--output_dir", str(tmp_path / "viz"), "--device", "cpu"])
+    drawn = set(os.listdir(tmp_path / "viz"))
+    assert {"heads.png", "summary.json"} <= drawn
+    assert ("slots.png" in drawn) == model.readout_module.has_attention_maps
+    if model.readout_module.has_attention_maps:
+        assert 0 <= summary["slot_statistics"]["slot_peakedness"] <= 1
+
+
+# The read-out arguments a checkpoint's saved args held before the read-out interface: one flag counted the blocks
+# SPARO replaced, whatever the read-out, and there was no readout_replace_blocks.
+LEGACY_READOUT_ARGS = ("sparo_slots", "sparo_slot_dim", "sparo_attn_dim", "sparo_share_kv", "sparo_slot_norm",
+                       "sparo_logit_scale", "sparo_query_init_std", "sparo_key_init_gain", "sparo_lr_mult",
+                       "sparo_weight_decay", "sparo_replace_blocks")
+
+
+@pytest.mark.parametrize("name", ["sparo", "cls"])
+def test_checkpoints_written_before_the_read_out_interface_resume_and_evaluate(name, data, tmp_path):
+    images = make_images(tmp_path / "images", count=8, size=32)
+    out = tmp_path / "out"
+    blocks = ["--sparo_replace_blocks", "2"] if name == "sparo" else []  # the old flag name still works
+    train_dino(tiny_args(images, out, "--readout", name, "--epochs", "1", "--precision", "fp32", *blocks))
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    legacy = {key: value for key, value in checkpoint["args"].items() if key != "readout_replace_blocks"}
+    legacy.update({flag: checkpoint["args"].get(flag) for flag in LEGACY_READOUT_ARGS})
+    legacy["sparo_replace_blocks"] = 2  # CLS runs saved it too, where it meant nothing
+    torch.save({**checkpoint, "args": legacy}, out / "checkpoint.pth")
+
+    model, config = build_pretrained_backbone(str(out / "checkpoint.pth"), "teacher", {}, log=None)
+    assert config["readout"] == name and len(model.blocks) == (1 if name == "sparo" else 3)
+    assert eval_knn.main(["--pretrained_weights", str(out / "checkpoint.pth"), "--data_path", data, "--nb_knn", "5",
+                          *EVAL_SIZES])["knn"]["5"]["top1"] >= 0
+    resumed = train_dino(tiny_args(images, out, "--readout", name, "--epochs", "2", "--precision", "fp32", *blocks))
+    assert resumed.start_epoch == 1 and [stats["epoch"] for stats in resumed.epoch_stats] == [1]
