@@ -192,3 +192,66 @@ def test_checkpoints_written_before_the_read_out_interface_resume_and_evaluate(n
                           *EVAL_SIZES])["knn"]["5"]["top1"] >= 0
     resumed = train_dino(tiny_args(images, out, "--readout", name, "--epochs", "2", "--precision", "fp32", *blocks))
     assert resumed.start_epoch == 1 and [stats["epoch"] for stats in resumed.epoch_stats] == [1]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_registers_follow_the_cls_token_and_the_read_out_ignores_them_by_default(name):
+    model = tiny_model(name, num_registers=4).eval()
+    images = torch.randn(2, 3, 32, 32)
+    assert model.num_prefix_tokens == 5 and model.prepare_tokens(images).shape[1] == 1 + 4 + 16
+    assert model.readout_module.num_prefix_tokens == 1
+    tokens = model.tokens(images)
+    torch.testing.assert_close(model(images), model.readout_module(torch.cat([tokens[:, :1], tokens[:, 5:]], 1)))
+    seeing = tiny_model(name, num_registers=4, readout_sees_registers=True).eval()
+    assert seeing.readout_module.num_prefix_tokens == 5
+    torch.testing.assert_close(seeing(images), seeing.readout_module(seeing.tokens(images)))
+    if model.readout_module.has_attention_maps:
+        assert model.get_slot_attention(images).shape[-1] == 1 + 16
+        assert seeing.get_slot_attention(images).shape[-1] == 1 + 4 + 16
+
+
+def test_weights_without_registers_load_into_a_register_model_and_registers_are_inferred(tmp_path, capsys):
+    from dino_sparo.checkpoint import load_pretrained_weights
+
+    plain = tiny_model("cls").eval()
+    torch.save(plain.state_dict(), tmp_path / "dino.pth")
+    with_registers = tiny_model("sparo", num_registers=2, readout_replace_blocks=0)
+    report = load_pretrained_weights(with_registers, str(tmp_path / "dino.pth"))
+    assert "reg_token" in report.missing and "reg_token" in capsys.readouterr().out
+    torch.testing.assert_close(with_registers.pos_embed, plain.pos_embed)  # registers have no position embedding
+    torch.save(with_registers.state_dict(), tmp_path / "registers.pth")
+    loaded, config = build_pretrained_backbone(str(tmp_path / "registers.pth"), "teacher", {}, log=None)
+    assert config["num_registers"] == 2 and config["readout"] == "sparo"
+    images = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded(images), with_registers.eval()(images))
+
+
+def test_a_retrofit_freezes_the_registers_with_the_embeddings():
+    model = tiny_model("sparo", num_registers=2)
+    model.freeze_blocks(2)
+    assert not model.reg_token.requires_grad and not model.cls_token.requires_grad
+
+
+def test_the_artefact_diagnostic_sees_a_planted_high_norm_token():
+    """Token 7 of the last block's output is scaled up tenfold: its norm is far above the median patch token's,
+    so each map's high-norm share is exactly its attention on token 7, and the CLS share the CLS attention there."""
+    from dino_sparo.eval.slot_stats import measure_slots
+
+    model = tiny_model("sparo").eval()
+    planted = 7
+
+    def plant(module, inputs, output):
+        output = output.clone()
+        output[:, planted] *= 10
+        return output
+
+    model.blocks[-1].register_forward_hook(plant)
+    images = torch.randn(3, 3, 32, 32)
+    stats = measure_slots(model, [images], "cpu")
+    with torch.no_grad():
+        found = model.inspect(images)
+    torch.testing.assert_close(stats.high_norm_share, found.readout_maps[:, :, planted].mean(dim=0))
+    assert stats.cls_high_norm_share == pytest.approx(float(found.cls_attention[:, planted].mean()), abs=1e-6)
+    assert stats.summary()["slot_high_norm_share"] > 0 and "high_norm_share" in stats.per_slot()[0]
+    clean = measure_slots(tiny_model("sparo").eval(), [images], "cpu")
+    assert float(clean.high_norm_share.max()) == 0.0

@@ -61,7 +61,7 @@ class ProbeFeatures(nn.Module):
         self.eval()
         with torch.no_grad():  # the read-out's share of the features, measured on a one-patch image
             probe = backbone.cls_token.new_zeros(1, 3, *backbone.patch_embed.patch_size)
-            own = backbone.readout_module.probe_features(backbone.tokens(probe), slots)
+            own = backbone.readout_module.probe_features(backbone.readout_tokens(backbone.tokens(probe)), slots)
         self.readout_dim = 0 if own is None else own.shape[1]
         self.feature_dim = self.readout_dim + backbone.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
 
@@ -79,7 +79,7 @@ class ProbeFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.get_intermediate_layers(images, max(1, self.n_last_blocks))
-        own = self.backbone.readout_module.probe_features(tokens[-1], self.slots)
+        own = self.backbone.readout_module.probe_features(self.backbone.readout_tokens(tokens[-1]), self.slots)
         features = [] if own is None else [own]
         cls_tokens = [t[:, 0] for t in tokens[-self.n_last_blocks:]] if self.n_last_blocks else []
         if self.avgpool_patchtokens:

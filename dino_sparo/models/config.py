@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..checkpoint import load_pretrained_weights, read_weights, summarise_keys
-from ..cli import non_negative_int, positive_int
+from ..cli import bool_flag, non_negative_int, positive_int
 from ..errors import UserError
 from .readouts import ARCHITECTURE, INITIALISATION, OPTIMISATION, READOUTS
 from .vision_transformer import (
@@ -28,7 +28,8 @@ from .vision_transformer import (
 )
 
 # Backbone flags, in the order they are printed; all but ``arch`` are VisionTransformer arguments.
-BACKBONE_FLAGS = ("arch", "patch_size", "depth", "readout", "readout_replace_blocks", "pos_embed_interpolation")
+BACKBONE_FLAGS = ("arch", "patch_size", "depth", "readout", "readout_replace_blocks", "num_registers",
+                  "readout_sees_registers", "pos_embed_interpolation")
 _READOUT_OPTIONS = [(readout, option) for readout in READOUTS.values() for option in readout.options]
 # What a model is built from: the backbone flags and every read-out's architecture and initialisation options.
 MODEL_FLAGS = BACKBONE_FLAGS + tuple(option.flag for _, option in _READOUT_OPTIONS if option.role != OPTIMISATION)
@@ -85,6 +86,12 @@ def add_model_args(parser: argparse.ArgumentParser, from_checkpoint: bool = Fals
                        help="final blocks the read-out replaces (" + ", ".join(
                            f"{name}: {readout.replaced_blocks}" for name, readout in READOUTS.items())
                        + "); 0 puts it on top of every block; None: the read-out's own" + shown("the read-out's"))
+    group.add_argument("--num_registers", type=non_negative_int, default=default("num_registers"),
+                       help="learned register tokens after the CLS token (Darcet et al., 2024), dropped at the output"
+                       + shown(MODEL_DEFAULTS["num_registers"]))
+    group.add_argument("--readout_sees_registers", type=bool_flag, default=default("readout_sees_registers"),
+                       help="let the read-out attend to the registers too (by default it reads CLS and patches)"
+                       + shown(MODEL_DEFAULTS["readout_sees_registers"]))
     group.add_argument("--pos_embed_interpolation", choices=POS_EMBED_INTERPOLATIONS,
                        default=default("pos_embed_interpolation"),
                        help="resampling of position embeddings for other image sizes: dino (reference, bicubic, "
@@ -136,8 +143,8 @@ def readout_flags(config: Mapping[str, Any]) -> tuple[str, ...]:
 
 def _infer_from_weights(weights: Mapping[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """Fills flags left out from tensor shapes: arch from the width, patch size from the patch embedding, the
-    read-out whose tensors are there (CLS when none is; unknown tensors are an error), its options, and the
-    depth from the block indices."""
+    registers, the read-out whose tensors are there (CLS when none is; unknown tensors are an error), its options,
+    and the depth from the block indices."""
     inferred = dict(config)
     cls_token, patch_weight = weights.get("cls_token"), weights.get("patch_embed.proj.weight")
     if inferred["arch"] is None and cls_token is not None:
@@ -145,6 +152,9 @@ def _infer_from_weights(weights: Mapping[str, Any], config: dict[str, Any]) -> d
         inferred["arch"] = widths.get(int(cls_token.shape[-1]))
     if inferred["patch_size"] is None and patch_weight is not None and patch_weight.ndim == 4:
         inferred["patch_size"] = int(patch_weight.shape[-1])
+    registers = weights.get("reg_token")
+    if inferred["num_registers"] is None and registers is not None and registers.ndim == 3:
+        inferred["num_registers"] = int(registers.shape[1])
     if inferred["readout"] is None:
         inferred["readout"] = _recognise_readout(weights)
     arch = ARCHS[inferred["arch"] or MODEL_DEFAULTS["arch"]]

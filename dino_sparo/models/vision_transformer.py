@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ ARCHS = {
 READOUT_OPTION_DEFAULTS: dict[str, Any] = {option.flag: option.default for readout in READOUTS.values()
                                            for option in readout.options}
 # First components of the backbone's own state-dict keys (the read-out's are its ``state_prefix``).
-BACKBONE_KEY_ROOTS = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
+BACKBONE_KEY_ROOTS = ("cls_token", "reg_token", "pos_embed", "patch_embed", "blocks", "norm")
 
 
 def replaced_blocks(readout: str, readout_replace_blocks: int | None) -> int:
@@ -39,6 +40,11 @@ class VisionTransformer(TimmVisionTransformer):
     ``readout_replace_blocks`` blocks (default: the read-out's own, 1 for SPARO) are removed, and the read-out,
     held as the attribute its ``state_prefix`` names (``sparo``), reads the final-normed tokens, CLS included.
     ``readout_options`` are read-out flags by name (``sparo_slots=16``); those of other read-outs are ignored.
+
+    ``num_registers`` learned tokens (Darcet et al., "Vision Transformers Need Registers", ICLR 2024) follow the CLS
+    token, without position embeddings (DINOv2's layout), so that weights without registers still load. They absorb
+    the high-norm artefact tokens large ViTs grow, and are dropped before the read-out unless
+    ``readout_sees_registers``.
     """
 
     def __init__(
@@ -52,6 +58,8 @@ class VisionTransformer(TimmVisionTransformer):
         drop_path_rate: float = 0.0,
         readout: str = "sparo",
         readout_replace_blocks: int | None = None,
+        num_registers: int = 0,
+        readout_sees_registers: bool = False,
         pos_embed_interpolation: Literal["dino", "timm"] = "dino",
         **readout_options: Any,
     ) -> None:
@@ -63,6 +71,8 @@ class VisionTransformer(TimmVisionTransformer):
         if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
             raise ValueError(f"pos_embed_interpolation must be one of {POS_EMBED_INTERPOLATIONS}, "
                              f"got {pos_embed_interpolation!r}")
+        if num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0, got {num_registers}")
         replaced = replaced_blocks(readout, readout_replace_blocks)
         if not 0 <= replaced < depth:
             raise ValueError(f"readout_replace_blocks must be in [0, depth-1] = [0, {depth - 1}], got {replaced}")
@@ -74,14 +84,22 @@ class VisionTransformer(TimmVisionTransformer):
         )
         # timm starts the CLS token at std 1e-6; DINO (and so its checkpoints' training) at trunc_normal std 0.02.
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.num_registers = self.num_reg_tokens = num_registers
+        if num_registers:
+            # DINOv2 starts its registers at std 1e-6; 0.02, as the CLS token, lets them tell apart in short runs.
+            self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
+            nn.init.trunc_normal_(self.reg_token, std=0.02)
+            self.num_prefix_tokens = 1 + num_registers
+        self.readout_sees_registers = readout_sees_registers
         self.readout = readout
         self.pos_embed_interpolation = pos_embed_interpolation
         if replaced:
             self.blocks = self.blocks[: depth - replaced]
         readout_class = READOUTS[readout]
         self._readout_attribute = readout_class.state_prefix
+        readout_prefix_tokens = self.num_prefix_tokens if readout_sees_registers else 1
         self.add_module(readout_class.state_prefix, readout_class.from_config(
-            {**READOUT_OPTION_DEFAULTS, **readout_options}, embed_dim, num_heads, self.num_prefix_tokens))
+            {**READOUT_OPTION_DEFAULTS, **readout_options}, embed_dim, num_heads, readout_prefix_tokens))
         self.feature_dim = self.readout_module.output_dim
 
     @property
@@ -89,8 +107,15 @@ class VisionTransformer(TimmVisionTransformer):
         """The read-out (also reachable by its state prefix, e.g. ``model.sparo``)."""
         return self._modules[self._readout_attribute]
 
+    def readout_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens the read-out reads: CLS and patches, with the registers too only if it sees them."""
+        if not self.num_registers or self.readout_sees_registers:
+            return tokens
+        return torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens:]], dim=1)
+
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Adds (resampled) position embeddings to NHWC patch tokens and prepends the CLS token."""
+        """Adds (resampled) position embeddings to NHWC patch tokens, prepends the CLS token and inserts the
+        registers after it."""
         batch, rows, cols, dim = x.shape
         pos_embed = self.pos_embed
         if (rows, cols) != tuple(self.patch_embed.grid_size):
@@ -100,14 +125,19 @@ class VisionTransformer(TimmVisionTransformer):
             else:
                 pos_embed = _resample_pos_embed_dino(pos_embed, rows, cols)
         tokens = torch.cat([self.cls_token.expand(batch, -1, -1), x.reshape(batch, rows * cols, dim)], dim=1)
-        return self.pos_drop(tokens + pos_embed.to(tokens.dtype))
+        tokens = tokens + pos_embed.to(tokens.dtype)
+        if self.num_registers:
+            tokens = torch.cat([tokens[:, :1], self.reg_token.expand(batch, -1, -1).to(tokens.dtype), tokens[:, 1:]],
+                               dim=1)
+        return self.pos_drop(tokens)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Image (B, 3, H, W) -> tokens (B, 1 + H*W/p^2, D) with position embeddings, before any block."""
+        """Image (B, 3, H, W) -> tokens (B, 1 + registers + H*W/p^2, D) with position embeddings, before any
+        block."""
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Final-normed token outputs (B, N, D) of the remaining blocks: what the read-out sees."""
+        """Final-normed token outputs (B, N, D) of the remaining blocks (registers included)."""
         return self.norm(self.blocks(self.prepare_tokens(x)))
 
     def frozen_tokens(self, x: torch.Tensor, frozen_blocks: int) -> torch.Tensor:
@@ -122,7 +152,7 @@ class VisionTransformer(TimmVisionTransformer):
         through the remaining blocks: ``forward(x) == forward_from(frozen_tokens(x, k), k)`` for every k."""
         for block in self.blocks[frozen_blocks:]:
             tokens = block(tokens)
-        return self.readout_module(self.norm(tokens))
+        return self.readout_module(self.readout_tokens(self.norm(tokens)))
 
     def freeze_blocks(self, frozen_blocks: int) -> None:
         """Freezes the patch and position embeddings, the CLS token and the first ``frozen_blocks`` blocks (no
@@ -135,18 +165,34 @@ class VisionTransformer(TimmVisionTransformer):
             module.requires_grad_(False)
         self.cls_token.requires_grad_(False)
         self.pos_embed.requires_grad_(False)
+        if self.num_registers:  # part of every frozen block's input, so frozen with them
+            self.reg_token.requires_grad_(False)
         for block in self.blocks[:frozen_blocks]:
             block.drop_path1, block.drop_path2 = nn.Identity(), nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.readout_module(self.tokens(x))
+        return self.readout_module(self.readout_tokens(self.tokens(x)))
 
     def get_slot_attention(self, x: torch.Tensor) -> torch.Tensor:
         """The read-out's attention maps over the tokens (B, M, N), one row per slot (SPARO); rows sum to 1."""
         if not self.readout_module.has_attention_maps:
             raise ValueError(f"get_slot_attention needs a read-out with attention maps; this model's read-out is "
                              f"{self.readout!r}")
-        return self.readout_module.attention_maps(self.tokens(x))
+        return self.readout_module.attention_maps(self.readout_tokens(self.tokens(x)))
+
+    def inspect(self, x: torch.Tensor) -> TokenInspection:
+        """One pass that shows where attention goes and which tokens stand out (the slot statistics use it)."""
+        tokens = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            tokens = block(tokens)
+        last = self.blocks[-1]
+        cls_attention = _attention_weights(last.attn, last.norm1(tokens))[:, :, 0].mean(dim=1)
+        tokens = last(tokens)
+        norms = tokens.float().norm(dim=-1)
+        readout = self.readout_module
+        maps = readout.attention_maps(self.readout_tokens(self.norm(tokens))) if readout.has_attention_maps else None
+        return TokenInspection(maps, self.readout_tokens(norms.unsqueeze(-1))[..., 0], readout.num_prefix_tokens,
+                               cls_attention, norms, self.num_prefix_tokens)
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Self-attention (B, heads, N, N) of the last remaining transformer block."""
@@ -166,6 +212,21 @@ class VisionTransformer(TimmVisionTransformer):
             if index >= len(self.blocks) - n:
                 outputs.append(self.norm(x))
         return outputs
+
+
+@dataclass
+class TokenInspection:
+    """What :meth:`VisionTransformer.inspect` finds for a batch: the read-out's attention maps (B, M, N_r) over the
+    N_r tokens it reads, whose first ``readout_prefix_tokens`` are not patches (None without maps), and those
+    tokens' output norms (B, N_r); the CLS token's attention in the last remaining block, averaged over heads
+    (B, N), over all N tokens (``prefix_tokens`` of them CLS and registers), and their output norms (B, N), taken
+    before the final norm, where artefact tokens stand out (Darcet et al., 2024)."""
+    readout_maps: torch.Tensor | None
+    readout_norms: torch.Tensor
+    readout_prefix_tokens: int
+    cls_attention: torch.Tensor
+    token_norms: torch.Tensor
+    prefix_tokens: int
 
 
 def _resample_pos_embed_dino(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ class SlotMonitor:
         """One row per slot (the most peaked first), one column per image."""
         patch = backbone.patch_embed.patch_size[0]
         grid_size = (self.images.shape[-2] // patch, self.images.shape[-1] // patch)
-        maps = patch_grid(attention, grid_size, backbone.num_prefix_tokens)  # (B, L, rows, cols)
+        maps = patch_grid(attention, grid_size, backbone.readout_module.num_prefix_tokens)  # (B, L, rows, cols)
         chosen = torch.argsort(peakedness, descending=True, stable=True)[: self.slots_drawn].tolist()
         label = backbone.readout_module.map_label
         rows = [[render.labelled(render.overlay(pixels, maps[image, slot], 64), f"{label} {slot}")

@@ -8,13 +8,17 @@ from __future__ import annotations
 from .base import ARCHITECTURE, INITIALISATION, OPTIMISATION, Option, Readout, restrict_to_slots
 from .cls import CLSReadout
 from .gap import GAPReadout
+from .map import MAPReadout
+from .simpool import SimPoolReadout
 from .sparo import SPARO
 
 READOUTS: dict[str, type[Readout]] = {readout.name: readout for readout in (
     SPARO,
     CLSReadout,
     GAPReadout,
+    MAPReadout,
+    SimPoolReadout,
 )}
 
 __all__ = ["ARCHITECTURE", "INITIALISATION", "OPTIMISATION", "READOUTS", "SPARO", "CLSReadout", "GAPReadout",
-           "Option", "Readout", "restrict_to_slots"]
+           "MAPReadout", "Option", "Readout", "SimPoolReadout", "restrict_to_slots"]
