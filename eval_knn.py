@@ -39,6 +39,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     slots.add_argument("--seed", type=int, default=0, help="fixes the held-out part of train (default: 0)")
     slots.add_argument("--output_dir", default=None,
                        help="where the slot JSON files are written (default: the folder of --pretrained_weights)")
+    attributes = parser.add_argument_group("attribute labels (which slot knows what)")
+    attributes.add_argument("--attributes", default=None, metavar="CSV",
+                            help="CSV with one row per image: a 'path' column relative to --data_path and one "
+                            "column per attribute (the demo's attributes.csv); each of --attribute_columns is "
+                            "evaluated as its own label set (OUTPUT_DIR/knn_attributes.json)")
+    attributes.add_argument("--attribute_columns", default=None, metavar="NAMES",
+                            help="comma-separated CSV columns to evaluate, e.g. shape,colour,size,background")
+    attributes.add_argument("--attribute_bins", type=positive_int, default=4,
+                            help="numeric columns are binned into this many quantiles of the train images "
+                            "(default: 4)")
+    attributes.add_argument("--select_for", default=None, metavar="ATTR",
+                            help="with --select_slots K: choose the K slots best at this attribute on held-out train "
+                            "images and report val top-1 on every attribute for them and for all slots "
+                            "(OUTPUT_DIR/knn_slot_selection_for_ATTR.json)")
+    attributes.add_argument("--compare_weights", default=None, metavar="CHECKPOINT",
+                            help="with --per_slot: add this model's whole encoding (e.g. a CLS checkpoint) as a "
+                            "row of the slot x attribute matrix")
     return parser
 
 

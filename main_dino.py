@@ -74,6 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate (cosine schedule)")
     group.add_argument("--optimizer", choices=("adamw", "sgd", "lars"), default="adamw", help="optimizer")
     group.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth of the student")
+    group.add_argument("--compile", type=bool_flag, default=False,
+                       help="torch.compile each transformer block of student and teacher (regional: one graph per "
+                       "crop resolution, shared by the blocks); checkpoints are unchanged")
 
     group = parser.add_argument_group("multi-crop")
     group.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.4, 1.0),

@@ -33,6 +33,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     selection.add_argument("--top_slots", type=positive_int, default=None,
                            help=f"draw the K most peaked slots; {PEAKEDNESS_HELP} "
                            f"(default when no --slots: {DEFAULT_TOP_SLOTS})")
+    parser.add_argument("--attribute", default=None, metavar="ATTR",
+                        help="draw the slots best at this attribute (k-NN top-1 from eval_knn.py --per_slot "
+                        "--attributes; --top_slots K of them, default 4), labelled with their accuracy")
+    parser.add_argument("--slot_matrix", default=None, metavar="JSON",
+                        help="the knn_slot_attributes.json --attribute reads (default: the one beside "
+                        "--pretrained_weights)")
     parser.add_argument("--image_size", type=positive_int, nargs="+", default=[224],
                         help="one size: shorter side (aspect kept); two: height width. Each side is then "
                         "centre-cropped down to a multiple of the patch size (default: %(default)s)")

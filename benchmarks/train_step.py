@@ -45,6 +45,7 @@ def build_step(config: dict[str, Any]) -> tuple[Callable[[], Any], str, torch.de
     """Student, teacher, loss, optimizer and inputs for ``config``; returns a callable running one step."""
     from dino_sparo.loss import DINOLoss
     from dino_sparo.optim import build_optimizer, get_params_groups
+    from dino_sparo.train.schedules import build_schedules
     from dino_sparo.train.setup import build_models, frozen_blocks, resolve_precision
     from dino_sparo.train.step import TrainStep
 
@@ -65,15 +66,15 @@ def build_step(config: dict[str, Any]) -> tuple[Callable[[], Any], str, torch.de
         optimizer = step.optimizer
     else:
         if config["compile"]:
-            student.compile()
-            teacher.compile()
+            student.backbone.compile_blocks()
+            teacher.backbone.compile_blocks()
         optimizer = build_optimizer(args.optimizer, groups, device)
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         step = TrainStep(args, student, student, teacher, dino_loss, optimizer, scaler, precision, device,
                          frozen_blocks(args))
-    for index, group in enumerate(optimizer.param_groups):
-        group["lr"] = args.lr * args.batch_size_per_gpu / 256
-        group["weight_decay"] = args.weight_decay if index == 0 else 0.0
+    # The schedules of a real run at its first iteration after warm-up: the peak learning rate.
+    schedules = build_schedules(args, niter_per_epoch=1, world_size=1)
+    schedules.apply(optimizer, min(args.warmup_epochs, args.epochs - 1))
 
     batch = args.batch_size_per_gpu
     crops = [torch.randn(batch, 3, args.global_crop_size, args.global_crop_size, device=device) for _ in range(2)]

@@ -140,3 +140,32 @@ def test_torchrun_two_processes_match_one_process(data_and_checkpoint, tmp_path)
     for name in ("knn_per_slot.json", "knn_slot_selection.json"):
         with open(tmp_path / "one" / name) as one, open(tmp_path / "two" / name) as two:
             assert json.load(one) == json.load(two)
+
+
+@pytest.mark.slow
+def test_torchrun_attribute_matrix_and_selection_match_one_process(data_and_checkpoint, tmp_path):
+    """Each rank holds its own shard of the attribute labels too: two processes give the one-process files."""
+    import csv
+
+    from dino_sparo.data.images import images_under
+
+    data, _, checkpoint = data_and_checkpoint
+    table = tmp_path / "attributes.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "hue", "parity", "index"])
+        paths = images_under(os.path.join(data, "train")) + images_under(os.path.join(data, "val"))
+        for number, path in enumerate(paths):
+            label = int(os.path.basename(os.path.dirname(path))[-2:])
+            writer.writerow([os.path.relpath(path, data), label, label % 2, number % 13])
+    argv = ["--pretrained_weights", checkpoint, "--data_path", data, *SMALL, "--nb_knn", "10", "20", "--per_slot",
+            "--attributes", str(table), "--attribute_columns", "hue,parity,index", "--select_slots", "2",
+            "--select_for", "parity"]
+    run_ok([*argv, "--output_dir", str(tmp_path / "one")])
+    completed = helpers.run(
+        [*helpers.TORCHRUN, "--nproc_per_node", "2", os.path.join(ROOT, "eval_knn.py"), *argv,
+         "--output_dir", str(tmp_path / "two")], timeout=240)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    for name in ("knn_attributes.json", "knn_slot_attributes.json", "knn_slot_selection_for_parity.json"):
+        with open(tmp_path / "one" / name) as one, open(tmp_path / "two" / name) as two:
+            assert json.load(one) == json.load(two)

@@ -152,3 +152,41 @@ def test_bad_inputs_give_one_line_error(files, tmp_path, capsys, case, extra, me
     errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:")]
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
     assert not (tmp_path / "viz").exists()
+
+
+def write_slot_matrix(path, accuracy):
+    """A knn_slot_attributes.json as eval_knn.py --per_slot --attributes writes it (the keys --attribute reads)."""
+    rows = [{"slot": slot, "top1": {"shape": value, "colour": 50.0}} for slot, value in accuracy.items()]
+    path.write_text(json.dumps({"attributes": ["shape", "colour"], "slots": rows}))
+
+
+def test_attribute_draws_the_slots_best_at_it(files, tmp_path, capsys):
+    matrix = tmp_path / "matrix.json"
+    write_slot_matrix(matrix, {0: 30.0, 1: 10.0, 2: 70.0, 3: 40.0})
+    argv = ["--pretrained_weights", str(files / "checkpoint.pth"), "--images", str(files / "exact"),
+            "--image_size", "32", "--tile_size", "64", "--device", "cpu", "--attribute", "shape"]
+    summary = visualize_sparo.main([*argv, "--slot_matrix", str(matrix), "--top_slots", "2",
+                                    "--output_dir", str(tmp_path / "viz")])
+    assert [entry["slot"] for entry in summary["slots"]] == [2, 3]
+    assert [entry["top1"] for entry in summary["slots"]] == [70.0, 40.0] and summary["attribute"] == "shape"
+    assert Image.open(tmp_path / "viz" / "slots.png").size[1] == 2 * (LABEL_HEIGHT + 64) + 3 * GAP
+    # default: the matrix beside the checkpoint, the 4 best slots
+    write_slot_matrix(files / "knn_slot_attributes.json", {0: 30.0, 1: 10.0, 2: 70.0, 3: 40.0})
+    try:
+        summary = visualize_sparo.main([*argv, "--output_dir", str(tmp_path / "beside")])
+    finally:
+        (files / "knn_slot_attributes.json").unlink()
+    assert [entry["slot"] for entry in summary["slots"]] == [2, 3, 0, 1]
+    for extra, message in ((["--slot_matrix", str(tmp_path / "none.json")], "none.json not found"),
+                           (["--slot_matrix", str(matrix), "--slots", "1"], "drop --slots"),
+                           (["--slot_matrix", str(matrix), "--attribute", "size"], "--attribute size is not in")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda extra=extra: visualize_sparo.main([*argv, *extra, "--output_dir", str(tmp_path / "x")]))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and message in err
+    write_slot_matrix(matrix, {0: 30.0, 1: 10.0})
+    with pytest.raises(SystemExit):
+        run_cli(lambda: visualize_sparo.main([*argv, "--slot_matrix", str(matrix), "--output_dir",
+                                              str(tmp_path / "y")]))
+    assert "belongs to another checkpoint" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """The k-NN evaluation run by ``eval_knn.py`` (and at the end of training): sharded feature extraction, k-NN,
-per-slot analysis and slot selection."""
+per-slot analysis, slot selection and attribute label sets (which slot knows what)."""
 from __future__ import annotations
 
 import argparse
@@ -18,9 +18,12 @@ from ..errors import UserError
 from ..models.config import build_pretrained_backbone
 from ..models.readouts import restrict_to_slots
 from ..utils.files import write_json_atomic
+from ..viz.heatmap import draw_slot_heatmap
+from .attributes import AttributeLabels, attribute_labels, majority_chance, parse_columns
 from .features import dump_features, extract_dataset_features, load_features
 from .flags import check_eval_args
 from .knn import sharded_knn
+from .slot_matrix import attribute_knn, select_for_attribute, selection_table, slot_attribute_matrix, top1_row
 from .slot_stats import PEAKEDNESS_HELP, SlotStatistics, measure_slots
 from .slots import SlotScore, check_slots, per_slot_knn, select_slots, slot_layout
 
@@ -45,8 +48,9 @@ def _check_args(args: argparse.Namespace) -> None:
                         "chooses them")
     if not 0 < args.select_holdout < 1:
         raise UserError(f"--select_holdout must be a fraction in (0, 1), got {args.select_holdout}")
+    _check_attribute_args(args)
     # checked now, not after the features are extracted
-    if args.per_slot or args.select_slots:
+    if args.per_slot or args.select_slots or args.attributes:
         if args.output_dir is None:  # beside the evaluated checkpoint, never silently in the working directory
             args.output_dir = os.path.dirname(os.path.abspath(args.pretrained_weights))
         ensure_writable_dir(args.output_dir)
@@ -54,8 +58,29 @@ def _check_args(args: argparse.Namespace) -> None:
         ensure_writable_dir(args.dump_features, "--dump_features")
 
 
+def _check_attribute_args(args: argparse.Namespace) -> None:
+    if bool(args.attributes) != bool(args.attribute_columns):
+        raise UserError("--attributes CSV and --attribute_columns NAMES go together")
+    if args.attributes:
+        args.attribute_columns = parse_columns(args.attribute_columns)
+        if not args.data_path:
+            raise UserError("--attributes needs --data_path: the CSV's paths are relative to it (dumped features "
+                            "do not record image paths; --load_features may be added to reuse them)")
+    if args.select_for and not (args.select_slots and args.attributes):
+        raise UserError("--select_for ATTR needs --select_slots K and --attributes")
+    if args.select_for and args.select_for not in args.attribute_columns:
+        raise UserError(f"--select_for {args.select_for} is not one of --attribute_columns "
+                        f"{','.join(args.attribute_columns)}")
+    if args.compare_weights and not (args.per_slot and args.attributes):
+        raise UserError("--compare_weights adds a row to the slot x attribute matrix: it needs --per_slot and "
+                        "--attributes")
+    if args.compare_weights and not os.path.isfile(args.compare_weights):
+        raise UserError(f"--compare_weights {args.compare_weights} not found")
+
+
 def _evaluate(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any]:
     log: Callable[..., None] = print if context.is_main else (lambda *a, **k: None)
+    label_sets = _attribute_label_sets(args) if args.attributes else None  # before any expensive work
     model, config = build_pretrained_backbone(args.pretrained_weights, args.checkpoint_key, args,
                                               log=print if context.is_main else None)
     model.to(context.device)
@@ -100,10 +125,94 @@ def _evaluate(args: argparse.Namespace, context: DistributedContext) -> dict[str
                 row.update(by_slot[row["slot"]])
         _write_json(context, args.output_dir, "knn_per_slot.json", results["per_slot"], log)
 
-    if args.select_slots:
+    if args.select_slots and not args.select_for:  # --select_for chooses by an attribute instead, below
         results["selection"] = _select(args, train_features, train_labels, test_features, test_labels,
                                        num_slots, slot_dim, num_classes, log)
         _write_json(context, args.output_dir, "knn_slot_selection.json", results["selection"], log)
+    if label_sets is not None:
+        results.update(_evaluate_attributes(args, context, log, model, label_sets, train_features, test_features,
+                                            train_view, test_view))
+    return results
+
+
+def _attribute_label_sets(args: argparse.Namespace) -> list[AttributeLabels]:
+    """The label sets of ``--attribute_columns``, in the order of the folder's train and val images."""
+    train, val = labelled_splits(args.data_path, None, None)
+    return attribute_labels(args.attributes, args.attribute_columns, args.attribute_bins, args.data_path,
+                            [path for path, _ in train.samples], [path for path, _ in val.samples])
+
+
+def _own_label_sets(label_sets: list[AttributeLabels], train_features: torch.Tensor,
+                    test_features: torch.Tensor, context: DistributedContext) -> list[AttributeLabels]:
+    """This rank's shard of every label set, matching its contiguous shards of the features."""
+    sizes = {"train": distributed.all_gather_sizes(len(train_features)),
+             "val": distributed.all_gather_sizes(len(test_features))}
+    expected = {"train": len(label_sets[0].train_labels), "val": len(label_sets[0].val_labels)}
+    if any(sum(sizes[split]) != expected[split] for split in sizes):
+        raise UserError(f"the features hold {sum(sizes['train'])} train and {sum(sizes['val'])} val images but "
+                        f"--data_path has {expected['train']} and {expected['val']}: they were not extracted from it")
+    train_start, train_end = shard_bounds(expected["train"], context.rank, context.world_size)
+    val_start, val_end = shard_bounds(expected["val"], context.rank, context.world_size)
+    return [AttributeLabels(labels.name, labels.classes, labels.train_labels[train_start:train_end].to(
+        train_features.device), labels.val_labels[val_start:val_end].to(test_features.device), labels.bin_edges)
+        for labels in label_sets]
+
+
+def _evaluate_attributes(args: argparse.Namespace, context: DistributedContext, log: Callable[..., None],
+                         model: torch.nn.Module, label_sets: list[AttributeLabels], train_features: torch.Tensor,
+                         test_features: torch.Tensor, train_view: torch.Tensor, test_view: torch.Tensor
+                         ) -> dict[str, Any]:
+    """k-NN on every attribute; with ``--per_slot`` the slot x attribute matrix, with ``--select_for`` the
+    selection for one attribute read on all of them."""
+    chance = {labels.name: majority_chance(labels) for labels in label_sets}
+    own = _own_label_sets(label_sets, train_features, test_features, context)
+    knn = attribute_knn(train_view, test_view, own, args.nb_knn, args.temperature)
+    results: dict[str, Any] = {"attributes": {
+        labels.name: {"classes": labels.classes, "bin_edges": labels.bin_edges, "chance": chance[labels.name],
+                      "knn": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in knn[labels.name].items()}}
+        for labels in label_sets}}
+    for name, scores in results["attributes"].items():
+        log(f"attribute {name} ({len(scores['classes'])} labels, chance {scores['chance']:.1f}): " + ", ".join(
+            f"{k}-NN top-1 {value['top1']:.2f}" for k, value in scores["knn"].items()))
+    _write_json(context, args.output_dir, "knn_attributes.json", results["attributes"], log)
+    if args.per_slot or args.select_for:
+        num_slots, slot_dim = slot_layout(model, "--per_slot" if args.per_slot else "--select_for")
+    if args.per_slot:
+        matrix = slot_attribute_matrix(train_features, test_features, own, chance, num_slots, slot_dim,
+                                       args.slot_knn, args.temperature)
+        if args.compare_weights:
+            compare, _ = build_pretrained_backbone(args.compare_weights, args.checkpoint_key, {},
+                                                   log=print if context.is_main else None)
+            compare.to(context.device)
+            compare_train, _, compare_test, _, _ = folder_features(
+                compare, args.data_path, args.resize_size, args.crop_size, args.batch_size_per_gpu,
+                args.num_workers, context)
+            matrix.rows[compare.readout.upper()] = top1_row(compare_train, compare_test, own, args.slot_knn,
+                                                            args.temperature)
+        log(f"slot x attribute {args.slot_knn}-NN top-1 on val (n = {matrix.val_images}), slots grouped by their "
+            f"best attribute:\n{matrix.table()}")
+        correlation = matrix.mean_rank_correlation()
+        log("specialisation (best slot - median slot, points): " + ", ".join(
+            f"{name} {value:.1f}" for name, value in matrix.specialisation().items())
+            + "; mean rank correlation between attributes across slots: "
+            + ("undefined" if correlation is None else f"{correlation:.2f}")
+            + " (0 = slots specialise differently, 1 = the same slots are best at everything)")
+        results["slot_attributes"] = matrix.to_json()
+        _write_json(context, args.output_dir, "knn_slot_attributes.json", results["slot_attributes"], log)
+        if context.is_main:
+            path = os.path.join(args.output_dir, "knn_slot_attributes.png")
+            title = os.path.join(*os.path.abspath(args.pretrained_weights).split(os.sep)[-2:])
+            draw_slot_heatmap(matrix, title).save(path)
+            log(f"written {path}")
+    if args.select_for:
+        selection = select_for_attribute(train_features, test_features, own, args.select_for, args.select_slots,
+                                         num_slots, slot_dim, args.slot_knn, args.nb_knn, args.temperature,
+                                         args.select_holdout, args.seed)
+        log(f"{args.select_slots} slots chosen for {args.select_for} on {selection['holdout_size']} held-out train "
+            f"images (val labels not used): {','.join(map(str, selection['selected']))}; val top-1 "
+            f"(n = {selection['val_images']}) of those slots against all slots:\n{selection_table(selection)}")
+        results["selection_for"] = selection
+        _write_json(context, args.output_dir, f"knn_slot_selection_for_{args.select_for}.json", selection, log)
     return results
 
 

@@ -102,6 +102,13 @@ class VisionTransformer(TimmVisionTransformer):
             {**READOUT_OPTION_DEFAULTS, **readout_options}, embed_dim, num_heads, readout_prefix_tokens))
         self.feature_dim = self.readout_module.output_dim
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` of each transformer block (regional compilation): the blocks share one code object,
+        so one graph per input shape (crop resolution, with or without gradients) serves every block, which keeps
+        compile time bounded; parameter names, hence checkpoints, do not change."""
+        for block in self.blocks:
+            block.compile(dynamic=False)
+
     @property
     def readout_module(self) -> Readout:
         """The read-out (also reachable by its state prefix, e.g. ``model.sparo``)."""

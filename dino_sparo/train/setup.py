@@ -182,6 +182,9 @@ def build_models(args: argparse.Namespace, device: torch.device) -> tuple[MultiC
     teacher.load_state_dict(student.state_dict())
     if frozen_blocks(args) is not None:
         student.backbone.freeze_blocks(frozen_blocks(args))
+    if args.compile:
+        student.backbone.compile_blocks()
+        teacher.backbone.compile_blocks()
     student.to(device)
     teacher.to(device)
     teacher.requires_grad_(False)

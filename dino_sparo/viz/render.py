@@ -50,14 +50,14 @@ def overlay(pixels: Image.Image, patch_map: torch.Tensor, tile_height: int, alph
 
 
 @lru_cache(maxsize=1)
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def label_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default()
 
 
 def labelled(tile: Image.Image, label: str) -> Image.Image:
     """``tile`` under a white band of :data:`LABEL_HEIGHT` pixels holding ``label`` (clipped to the tile width)."""
     canvas = Image.new("RGB", (tile.width, LABEL_HEIGHT + tile.height), "white")
-    ImageDraw.Draw(canvas).text((2, 1), label, fill="black", font=_font())
+    ImageDraw.Draw(canvas).text((2, 1), label, fill="black", font=label_font())
     canvas.paste(tile, (0, LABEL_HEIGHT))
     return canvas
 

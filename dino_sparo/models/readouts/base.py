@@ -36,14 +36,14 @@ OPTIMISATION = "optimisation"  # only the parameter groups: a training flag, not
 class Option:
     """One flag of a read-out: ``--<flag>`` on the command line, ``config[flag]`` in a model config, the
     constructor argument ``argument`` (default: the flag without the read-out's name, ``sparo_slots`` ->
-    ``slots``). ``default`` None means "derived from the backbone" (the read-out's :meth:`Readout.from_config`
-    fills it in)."""
+    ``slots``). With ``derived``, a value of None is derived from the backbone's ``(embed_dim, num_heads)``."""
     flag: str
     type: Callable[[str], Any]
     default: Any
     help: str
     role: str = ARCHITECTURE
     argument: str | None = None
+    derived: Callable[[int, int], Any] | None = None
 
     def argument_name(self, readout_name: str) -> str:
         return self.argument or self.flag.removeprefix(f"{readout_name}_")
@@ -78,12 +78,15 @@ class Readout(nn.Module):
     def from_config(cls, config: Mapping[str, Any], embed_dim: int, num_heads: int,
                     num_prefix_tokens: int = 1) -> Readout:
         """The read-out a model config describes (its options are looked up by flag name)."""
-        return cls(embed_dim, num_prefix_tokens=num_prefix_tokens, **cls.constructor_arguments(config))
-
-    @classmethod
-    def constructor_arguments(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        return {option.argument_name(cls.name): config[option.flag] for option in cls.options
-                if option.role != OPTIMISATION and option.flag in config}
+        arguments = {}
+        for option in cls.options:
+            if option.role == OPTIMISATION or option.flag not in config:
+                continue
+            value = config[option.flag]
+            if value is None and option.derived is not None:
+                value = option.derived(embed_dim, num_heads)
+            arguments[option.argument_name(cls.name)] = value
+        return cls(embed_dim, num_prefix_tokens=num_prefix_tokens, **arguments)
 
     # ----------------------------------------------------------------------------------------- attention maps
     @property

@@ -22,7 +22,7 @@ class MAPReadout(Readout):
     map_label: ClassVar[str] = "head"
     options: ClassVar[tuple[Option, ...]] = (
         Option("map_heads", positive_int, None, "attention heads of the MAP read-out (default: the backbone's)",
-               argument="num_heads"),
+               argument="num_heads", derived=lambda embed_dim, num_heads: num_heads),
         Option("map_mlp_ratio", float, 4.0, "hidden width of the MAP read-out's MLP, in multiples of embed_dim",
                argument="mlp_ratio"),
     )
@@ -39,14 +39,6 @@ class MAPReadout(Readout):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], embed_dim: int, num_heads: int,
-                    num_prefix_tokens: int = 1) -> MAPReadout:
-        arguments = cls.constructor_arguments(config)
-        if arguments.get("num_heads") is None:
-            arguments["num_heads"] = num_heads
-        return cls(embed_dim, num_prefix_tokens=num_prefix_tokens, **arguments)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.pool(tokens)

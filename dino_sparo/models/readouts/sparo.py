@@ -32,7 +32,8 @@ class SPARO(Readout):
     options: ClassVar[tuple[Option, ...]] = (
         Option("sparo_slots", positive_int, 64, "L, number of SPARO slots", argument="num_slots"),
         Option("sparo_slot_dim", positive_int, 64, "V, output size of each slot"),
-        Option("sparo_attn_dim", positive_int, None, "H, key/query size of each slot (default: embed_dim / heads)"),
+        Option("sparo_attn_dim", positive_int, None, "H, key/query size of each slot (default: embed_dim / heads)",
+               derived=lambda embed_dim, num_heads: embed_dim // num_heads),
         Option("sparo_share_kv", bool_flag, True, "use the keys as values"),
         Option("sparo_slot_norm", bool_flag, True, "L2-normalise each slot, scaled by sqrt(1/L)"),
         Option("sparo_logit_scale", bool_flag, False,
@@ -84,14 +85,6 @@ class SPARO(Readout):
             if linear is not None:
                 nn.init.xavier_uniform_(linear.weight, gain=key_init_gain if linear is self.key_proj else 1.0)
                 nn.init.zeros_(linear.bias)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], embed_dim: int, num_heads: int,
-                    num_prefix_tokens: int = 1) -> SPARO:
-        arguments = cls.constructor_arguments(config)
-        if arguments.get("attn_dim") is None:
-            arguments["attn_dim"] = embed_dim // num_heads
-        return cls(embed_dim, num_prefix_tokens=num_prefix_tokens, **arguments)
 
     @property
     def output_dim(self) -> int:
