@@ -1,8 +1,7 @@
-"""Timing and reporting helpers shared by the benchmarks."""
+"""Timing and table printing shared by the benchmarks (machine facts: :mod:`dino_sparo.utils.machine`; atomic
+JSON: :mod:`dino_sparo.utils.files`)."""
 from __future__ import annotations
 
-import json
-import platform
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,27 +25,6 @@ def best_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[flo
     return min(times), result
 
 
-def machine_description() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_fast_bf16": torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported(),
-    }
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
@@ -59,7 +37,3 @@ def _fmt(value: Any) -> str:
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return "" if value is None else str(value)
 
-
-def write_json(path: str, payload: dict[str, Any]) -> None:
-    with open(path, "w") as handle:
-        json.dump(payload, handle, indent=2)

@@ -1,4 +1,6 @@
-"""One entry point for every benchmark: prints a table per benchmark and writes all rows to JSON.
+"""One entry point for every benchmark: prints a table per benchmark and writes all rows to JSON. The JSON file is
+rewritten atomically after every group of rows (a training-step architecture and read-out, a loader transform, a
+benchmark), so that a run killed midway leaves every row it finished in a complete file.
 
     python -m benchmarks.run                       # training step, data pipeline and k-NN, baseline vs fast
     python -m benchmarks.run --bench train --arch vit_small --readout cls sparo --batch_size 64 \\
@@ -12,17 +14,20 @@ import argparse
 import itertools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from dino_sparo.cli import block_count_or_all, bool_flag, positive_int
+from dino_sparo.cli import block_count_or_all, bool_flag, ensure_writable_dir, positive_int
+from dino_sparo.distributed import resolve_device
 from dino_sparo.errors import UserError, run_cli
-from dino_sparo.models.vision_transformer import ARCHS, READOUTS
-from dino_sparo.train_setup import PRECISIONS
+from dino_sparo.models import ARCHS, READOUTS
+from dino_sparo.train.setup import PRECISIONS
+from dino_sparo.utils.files import write_json_atomic
+from dino_sparo.utils.machine import describe_machine
 
-from .common import machine_description, print_table, write_json
+from .common import print_table
 from .loader import TRANSFORMS as LOADER_TRANSFORMS
 from .loader import bench_loader
 
@@ -30,7 +35,7 @@ BENCHES = ("train", "data", "knn", "loader")
 DEFAULT_BENCHES = ("train", "data", "knn")  # the loader bench takes every core, so it runs only when named
 COLUMNS = {
     "train": ["config", "arch", "readout", "mode", "precision", "compile", "images_per_s", "seconds", "peak_mib",
-              "speedup", "memory_ratio"],
+              "speedup", "memory_ratio", "gflop_per_image", "mfu"],
     "data": ["config", "mode", "worker_core_ms", "main_core_ms", "images_per_s", "seconds", "speedup"],
     "knn": ["config", "mode", "seconds", "top1", "top5", "speedup", "identical"],
     "loader": ["config", "mode", "workers", "images_per_s", "seconds"],
@@ -42,18 +47,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bench", nargs="+", choices=BENCHES, default=list(DEFAULT_BENCHES),
                         help="benchmarks to run")
     parser.add_argument("--baseline", type=bool_flag, default=True,
-                        help="also run the reference-style baseline (fp32, explicit attention, Python-loop EMA, "
-                        "per-step sync, PIL per-crop augmentation, reference k-NN loop) and report fast/baseline "
-                        "ratios measured in this run")
+                        help="also run the reference-style baseline (fp16 + GradScaler on a GPU, fp32 on a CPU, as "
+                        "the reference trains by default; explicit attention, Python-loop EMA, per-step sync, PIL "
+                        "per-crop augmentation, reference k-NN loop) and report fast/baseline ratios measured in "
+                        "this run")
     parser.add_argument("--fast", type=bool_flag, default=True, help="run this project's default fast paths")
-    parser.add_argument("--json", default="benchmark_results.json", help="where to write all rows and the machine")
+    parser.add_argument("--json", default="benchmark_results.json",
+                        help="where to write all rows and the machine (rewritten after every group of rows)")
 
     group = parser.add_argument_group("training step")
     group.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=["vit_small"])
     group.add_argument("--readout", nargs="+", choices=READOUTS, default=["cls", "sparo"])
     group.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["auto"],
-                       help="precisions of the fast path (the baseline is always fp32); auto = what training uses")
-    group.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
+                       help="precisions of the fast path (the baseline's is the reference's: fp16 on a GPU, fp32 on "
+                       "a CPU); auto = what training uses")
+    group.add_argument("--compile", action="store_true",
+                       help="also time the fast path with each transformer block compiled (as main_dino.py --compile)")
+    group.add_argument("--profile", action="store_true",
+                       help="print a torch.profiler table of each fast step by category (ms per step)")
     group.add_argument("--batch_size", type=positive_int, default=4, help="images per step")
     group.add_argument("--local_crops_number", type=int, default=4, help="local crops per image (plus 2 global)")
     group.add_argument("--global_crop_size", type=positive_int, default=224)
@@ -101,15 +112,42 @@ def train_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     configs = []
     for arch, readout in itertools.product(args.arch, args.readout):
         if args.baseline:
-            configs.append(dict(common, arch=arch, readout=readout, mode="baseline", precision="fp32",
+            configs.append(dict(common, arch=arch, readout=readout, mode="baseline", precision="reference",
                                 compile=False))
         if args.fast:
             for precision, compiled in itertools.product(args.precision, (False, True) if args.compile else (False,)):
                 configs.append(dict(common, arch=arch, readout=readout, mode="fast", precision=precision,
-                                    compile=compiled))
+                                    compile=compiled, profile=args.profile))
                 if args.freeze_blocks is not None:
                     configs.append(dict(configs[-1], mode="retrofit", freeze_blocks=args.freeze_blocks))
     return configs
+
+
+def bench_rows(bench: str, args: argparse.Namespace, modes: list[str], device: torch.device
+               ) -> Iterator[list[dict[str, Any]]]:
+    """The rows of ``bench``, in groups, each yielded as soon as it is measured."""
+    if bench == "train":
+        from .train_step import bench_train
+
+        # One group per architecture and read-out: its baseline and fast steps are timed interleaved in one
+        # process, as the ratios need, and its rows are saved before the next group starts.
+        configs = train_configs(args)
+        for key in dict.fromkeys((config["arch"], config["readout"]) for config in configs):
+            yield bench_train([c for c in configs if (c["arch"], c["readout"]) == key], args.steps, args.warmup)
+    elif bench == "data":
+        from .data import bench_data, sample_photos
+
+        yield bench_data(sample_photos(args.images), args.data_local_crops, args.global_crop_size,
+                         args.local_crop_size, args.data_images, args.data_rounds, modes)
+    elif bench == "loader":
+        for transform in args.loader_transform:
+            yield bench_loader(transform, args.loader_workers, args.loader_images, args.data_local_crops,
+                               args.global_crop_size, args.local_crop_size)
+    else:
+        from .knn import bench_knn
+
+        yield bench_knn(args.knn_train, args.knn_test, args.knn_dim, args.knn_classes, args.knn_k,
+                        args.knn_repeats, device, modes)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -120,39 +158,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise UserError("local crop counts must be >= 0")
     if args.loader_workers < 0:
         raise UserError("--loader_workers must be >= 0")
+    ensure_writable_dir(os.path.dirname(os.path.abspath(args.json)), flag="--json")
+    device = resolve_device(args.device)  # a bad --device is an error before anything runs
     modes = [m for m, on in (("baseline", args.baseline), ("fast", args.fast)) if on]
-    machine = machine_description()
+    machine = describe_machine()
     print(f"machine: {machine}", flush=True)
     results: dict[str, Any] = {"machine": machine, "argv": list(sys.argv[1:] if argv is None else argv), "rows": []}
+    write_json_atomic(results, args.json)
     for bench in args.bench:
         print(f"\n== {bench} ==", flush=True)
-        if bench == "train":
-            from .train_step import bench_train
-
-            rows = bench_train(train_configs(args), args.steps, args.warmup)
-        elif bench == "data":
-            from .data import bench_data, sample_photos
-
-            rows = bench_data(sample_photos(args.images), args.data_local_crops, args.global_crop_size,
-                              args.local_crop_size, args.data_images, args.data_rounds, modes)
-        elif bench == "loader":
-            rows = [row for transform in args.loader_transform
-                    for row in bench_loader(transform, args.loader_workers, args.loader_images, args.data_local_crops,
-                                            args.global_crop_size, args.local_crop_size)]
-        else:
-            from .knn import bench_knn
-
-            device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-                ("cpu" if args.device == "auto" else args.device)
-            rows = bench_knn(args.knn_train, args.knn_test, args.knn_dim, args.knn_classes, args.knn_k,
-                             args.knn_repeats, device, modes)
+        rows: list[dict[str, Any]] = []
+        for group in bench_rows(bench, args, modes, device):
+            rows += group
+            results["rows"] += group
+            write_json_atomic(results, args.json)
         print_table(rows, [c for c in COLUMNS[bench] if any(c in row for row in rows)])
+        profiled = [row for row in rows if "profile_ms" in row]
+        if profiled:
+            print("\nms per step by category (torch.profiler, self time of every op):")
+            print_table([{"step": f"{row['readout']} {row['mode']} {row['precision']}"
+                                  + (" compiled" if row["compile"] else ""), **row["profile_ms"]} for row in profiled],
+                        ["step", *profiled[0]["profile_ms"]])
         if bench == "data" and len(rows) == 2:
             from .data import summary_line
 
             print(summary_line(rows))
-        results["rows"].extend(rows)
-    write_json(args.json, results)
     print(f"\nwrote {args.json}")
     return results
 

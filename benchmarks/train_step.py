@@ -1,5 +1,6 @@
-"""Training-step throughput and peak memory, the fast path (``dino_sparo.train_step.TrainStep``) against the
-reference-style step (:mod:`benchmarks.reference_step`).
+"""Training-step throughput and peak memory, the fast path (``dino_sparo.train.step.TrainStep``) against the
+reference-style step (:mod:`benchmarks.reference_step`: fp16 with a GradScaler on a GPU, fp32 on a CPU, as the
+reference trains by default).
 
 Speed: all steps of one architecture (read-outs, baseline and fast) are built in one subprocess and timed
 alternately, step by step, keeping each one's best step, so that load from other processes hits them alike.
@@ -12,14 +13,17 @@ from __future__ import annotations
 
 import json
 import resource
-import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from dino_sparo.distributed import resolve_device
+from dino_sparo.utils.processes import run_with_timeout
+
 from .common import best_time
+from .profile import device_peak_flops, profile_by_category, step_flops
 
 
 def _train_args(config: dict[str, Any]):
@@ -29,16 +33,10 @@ def _train_args(config: dict[str, Any]):
         "--arch", config["arch"], "--readout", config["readout"], "--out_dim", str(config["out_dim"]),
         "--batch_size_per_gpu", str(config["batch_size"]), "--local_crops_number", str(config["local_crops"]),
         "--global_crop_size", str(config["global_crop_size"]), "--local_crop_size", str(config["local_crop_size"]),
-        "--precision", config["precision"], "--device", config["device"],
+        "--precision", "auto" if config["mode"] == "baseline" else config["precision"], "--device", config["device"],
         *(["--depth", str(config["depth"])] if config.get("depth") else []),
         *(["--freeze_blocks", str(config["freeze_blocks"])] if config["mode"] == "retrofit" else []),
     ])
-
-
-def _device(config: dict[str, Any]) -> torch.device:
-    if config["device"] == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config["device"])
 
 
 def build_step(config: dict[str, Any]) -> tuple[Callable[[], Any], str, torch.device]:
@@ -49,20 +47,21 @@ def build_step(config: dict[str, Any]) -> tuple[Callable[[], Any], str, torch.de
     from dino_sparo.train.setup import build_models, frozen_blocks, resolve_precision
     from dino_sparo.train.step import TrainStep
 
-    from .reference_step import ReferenceStep
+    from .reference_step import ReferenceStep, reference_precision
 
     torch.manual_seed(0)
     args = _train_args(config)
-    device = _device(config)
+    device = resolve_device(config["device"])
     baseline = config["mode"] == "baseline"
-    precision = "fp32" if baseline else resolve_precision(args.precision, args.use_fp16, device)
+    precision = reference_precision(device) if baseline else resolve_precision(args.precision, args.use_fp16, device)
     student, teacher = build_models(args, device)
     ncrops = 2 + args.local_crops_number
     dino_loss = DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs).to(device)
     groups = get_params_groups(student, args)
     if baseline:
-        step = ReferenceStep(student, teacher, dino_loss, groups, args.clip_grad, args.freeze_last_layer)
+        step = ReferenceStep(student, teacher, dino_loss, groups, args.clip_grad, args.freeze_last_layer, precision,
+                             device)
         optimizer = step.optimizer
     else:
         if config["compile"]:
@@ -107,7 +106,7 @@ def measure_speed(configs: list[dict[str, Any]], steps: int, warmup: int) -> lis
     """
     built, peaks = [], []
     for config in configs:
-        cuda = _device(config).type == "cuda"
+        cuda = resolve_device(config["device"]).type == "cuda"
         if cuda:
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
@@ -127,12 +126,31 @@ def measure_speed(configs: list[dict[str, Any]], steps: int, warmup: int) -> lis
              "device": str(device)} for seconds, config, (_, precision, device) in zip(best, configs, built)]
     for row, peak in zip(rows, peaks):
         row["peak_mib"], row["memory"] = peak, "max_memory_allocated (in process)"
+    for row, config, (step, _, device) in zip(rows, configs, built):
+        add_utilisation(row, step, config["batch_size"], device)
+        if config.get("profile"):
+            row["profile_ms"] = profile_by_category(step, device)
     return rows
 
 
+def add_utilisation(row: dict[str, Any], step: Callable[[], Any], batch_size: int, device: torch.device) -> None:
+    """FLOPs per image of the step (counted, not estimated) and, on a GPU, model FLOPs utilisation: FLOPs per
+    image x images/s over the device's dense bf16 peak."""
+    flops_per_image = step_flops(step) / batch_size
+    row["gflop_per_image"] = flops_per_image / 1e9
+    if device.type == "cuda":
+        peak, source = device_peak_flops(device)
+        row["mfu"] = flops_per_image * row["images_per_s"] / peak
+        row["peak_source"] = source
+
+
+UTILISATION_KEYS = ("gflop_per_image", "mfu", "peak_source", "profile_ms")
+SUBPROCESS_TIMEOUT_S = 3600  # a hung step must not hang the benchmark forever
+
+
 def _run_in_subprocess(task: str, payload: Any) -> Any:
-    completed = subprocess.run([sys.executable, "-m", "benchmarks.train_step", task, json.dumps(payload)],
-                               capture_output=True, text=True)
+    completed = run_with_timeout([sys.executable, "-m", "benchmarks.train_step", task, json.dumps(payload)],
+                                 SUBPROCESS_TIMEOUT_S)
     if completed.returncode != 0:
         raise RuntimeError(f"training-step benchmark ({task}) failed:\n{completed.stderr[-3000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -159,7 +177,8 @@ def bench_train(configs: list[dict[str, Any]], steps: int, warmup: int, log=prin
                          "readout": config["readout"], "mode": config["mode"], "precision": speed["precision"],
                          "compile": config["compile"], "device": speed["device"],
                          "seconds": speed["seconds_per_step"], "images_per_s": speed["images_per_s"],
-                         "peak_mib": memory["peak_mib"], "memory": memory["memory"]})
+                         "peak_mib": memory["peak_mib"], "memory": memory["memory"],
+                         **{key: speed[key] for key in UTILISATION_KEYS if key in speed}})
     for row in rows:
         # fast rows against the reference-style baseline; retrofit rows against the full fast step they shorten
         reference_mode = {"fast": "baseline", "retrofit": "fast"}.get(row["mode"])

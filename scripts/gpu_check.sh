@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU acceptance check of dino_sparo, one command on a GPU machine with nothing to install:
 #     bash scripts/gpu_check.sh [--dry-run] [REPORT_DIR]
-# from the repository root. Everything else is in scripts/gpu_check.py; PYTHON picks another interpreter than
-# the machine's python3 (the tests pass the one running them).
+# from the repository root. Everything else is in the package scripts/gpu_check/; PYTHON picks another interpreter
+# than the machine's python3 (the tests pass the one running them).
 set -euo pipefail
-exec "${PYTHON:-python3}" "$(dirname "${BASH_SOURCE[0]}")/gpu_check.py" "$@"
+scripts="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export PYTHONPATH="${scripts}:$(dirname "${scripts}")${PYTHONPATH:+:${PYTHONPATH}}"
+exec "${PYTHON:-python3}" -m gpu_check "$@"

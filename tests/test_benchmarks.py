@@ -1,8 +1,11 @@
 import json
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, environment
 from PIL import Image
 
 from benchmarks.reference_step import ReferenceStep, reference_dino_loss
@@ -10,8 +13,9 @@ from benchmarks.run import main
 from dino_sparo.errors import UserError
 from dino_sparo.loss import DINOLoss
 from dino_sparo.optim import build_optimizer, get_params_groups
-from dino_sparo.train_setup import build_models
-from dino_sparo.train_step import TrainStep
+from dino_sparo.train.setup import build_models
+from dino_sparo.train.step import TrainStep
+from dino_sparo.utils.processes import kill_tree, start_session, wait_until
 from main_dino import parse_args
 
 TINY_MODEL = ["--arch", "vit_tiny", "--depth", "3", "--out_dim", "256", "--global_crop_size", "32",
@@ -68,6 +72,29 @@ def test_fast_only_mode_and_bad_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no .jpg"):
         main(["--bench", "data", "--images", str(tmp_path / "empty"), "--json", str(out)])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="--json .* cannot be written"):
+        main(["--bench", "knn", "--json", str(tmp_path / "a_file" / "results.json")])
+
+
+def test_json_keeps_the_finished_rows_when_the_run_is_killed_midway(tmp_path):
+    """The k-NN rows are written as soon as they are measured: killing the run during the (long) loader
+    benchmark after them leaves a complete file holding them."""
+    out = tmp_path / "results.json"
+    command = [sys.executable, "-m", "benchmarks.run", "--bench", "knn", "loader", "--knn_train", "100",
+               "--knn_test", "10", "--knn_dim", "8", "--knn_classes", "3", "--knn_repeats", "1",
+               "--loader_transform", "pil", "--loader_workers", "0", "--loader_images", "100000", "--json", str(out)]
+    process = start_session(command, cwd=ROOT, env=environment())
+    try:
+        def knn_rows_written() -> bool:
+            return out.exists() and len(json.loads(out.read_text())["rows"]) == 2
+        wait_until(knn_rows_written, timeout=120, process=process, interval=0.05)
+        time.sleep(1)  # into the loader benchmark
+    finally:
+        kill_tree(process)
+    results = json.loads(out.read_text())
+    assert results["machine"]["cpu"] and [row["mode"] for row in results["rows"]] == ["baseline", "fast"]
+    assert all(row["bench"] == "knn" for row in results["rows"])
 
 
 @pytest.mark.parametrize("readout", ["cls", "sparo"])

@@ -6,6 +6,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from ..loss import DINOLoss, training_signals
 from ..optim import cancel_gradients_last_layer, clip_gradients, update_teacher
@@ -30,6 +31,7 @@ class TrainStep:
         self.frozen_blocks = frozen_blocks
         self.student, self.student_module, self.teacher = student, student_module, teacher
         self.dino_loss, self.optimizer, self.scaler = dino_loss, optimizer, scaler
+        self.precision = precision
         dtype = AUTOCAST_DTYPES.get(precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
         student_named = dict(student_module.named_parameters())
@@ -39,31 +41,37 @@ class TrainStep:
         self.ema_pairs = ([student_named[k] for k in trainable], [teacher_named[k] for k in trainable])
 
     def __call__(self, crops: list[torch.Tensor], epoch: int, momentum: float) -> dict[str, torch.Tensor]:
-        """Returns the loss and the health signals as device tensors (read them at logging intervals only)."""
+        """Returns the loss and the health signals as device tensors (read them at logging intervals only).
+
+        Each phase runs in a ``torch.profiler.record_function`` scope (``dino_sparo:forward``, ``:loss``,
+        ``:backward``, ``:clip``, ``:optimizer``, ``:ema``), which costs nothing unless a profiler is recording."""
         with self.autocast():
-            shared = {}
-            if self.frozen_blocks is not None:
-                shared = {"frozen_tokens": self.student_module.frozen_tokens(crops, self.frozen_blocks),
-                          "frozen_blocks": self.frozen_blocks}
-            with torch.no_grad():
-                teacher_output = self.teacher(crops[:2], **shared)
-            student_output = self.student(crops, **shared)
-            signals = training_signals(self.dino_loss, student_output, teacher_output, epoch)
-            loss = self.dino_loss(student_output, teacher_output, epoch)
+            with record_function("dino_sparo:forward"):
+                shared = {}
+                if self.frozen_blocks is not None:
+                    shared = {"frozen_tokens": self.student_module.frozen_tokens(crops, self.frozen_blocks),
+                              "frozen_blocks": self.frozen_blocks}
+                with torch.no_grad():
+                    teacher_output = self.teacher(crops[:2], **shared)
+                student_output = self.student(crops, **shared)
+            with record_function("dino_sparo:loss"):
+                signals = training_signals(self.dino_loss, student_output, teacher_output, epoch)
+                loss = self.dino_loss(student_output, teacher_output, epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
+        with record_function("dino_sparo:backward"):
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        with record_function("dino_sparo:clip"):
             if self.clip_grad:
-                self.scaler.unscale_(self.optimizer)
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
                 clip_gradients(self.student_module, self.clip_grad)
             cancel_gradients_last_layer(epoch, self.student_module, self.freeze_last_layer)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            if self.clip_grad:
-                clip_gradients(self.student_module, self.clip_grad)
-            cancel_gradients_last_layer(epoch, self.student_module, self.freeze_last_layer)
-            self.optimizer.step()
-        update_teacher(*self.ema_pairs, momentum)
+        with record_function("dino_sparo:optimizer"):
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        with record_function("dino_sparo:ema"):
+            update_teacher(*self.ema_pairs, momentum)
         return {"loss": loss.detach(), **signals}
