@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from dino_sparo.optim import build_optimizer, get_params_groups
 from dino_sparo.train.setup import build_models
 from dino_sparo.train.step import TrainStep
 from dino_sparo.utils.files import write_json_atomic, write_text_atomic
+from dino_sparo.utils.machine import summary_line
 
 from .slot_ablation import (
     CROP_SIZE,
@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data_sets = [prepare_demo(out / "data", args.demo_epochs), prepare_digits(out / "data", args.digits_epochs)]
     configs = [c for c in CONFIGS if c.name in args.configs]
     started = time.perf_counter()
-    results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+    results: dict[str, Any] = {"machine": summary_line(),
                                "seeds": args.seeds, "probe": list(PROBE_FLAGS), "knn_ks": list(KNN_KS), "sets": {}}
     sections = []
     for data_set in data_sets:

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import csv
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ import eval_knn
 import main_dino
 from dino_sparo.data.demo import default_cache_dir
 from dino_sparo.data.images import images_under
+from dino_sparo.utils.machine import summary_line
 from experiments.slot_ablation import (
     CROP_SIZE,
     RESIZE_SIZE,
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n\n".join(sections) + (
         f"\n\nConfigurations: `sparo` = `{' '.join(SPARO.flags)}`; `cls` = `{' '.join(CLS.flags)}`; both with "
         f"`--demo`, {EPOCHS['demo']} epochs (demo) / {EPOCHS['digits']} (digits), seeds {args.seeds}.\n"
-        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, one thread; "
+        f"Machine: {summary_line()}; "
         f"{time.perf_counter() - started:.0f} s in total.")
     print(text)
     (args.out / "which_slot.md").write_text(text + "\n")

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dino_sparo.eval.knn import knn_classifier
+from dino_sparo.utils.processes import free_port
 
 
 def test_knn_known_answer_with_exponential_weights():
@@ -61,7 +62,6 @@ def test_knn_matches_brute_force(num_test):
 # --- sharded k-NN (the train bank split across processes, partial top-k lists merged) ---
 
 import os  # noqa: E402
-import socket  # noqa: E402
 import time  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
@@ -92,12 +92,6 @@ def test_sharded_knn_in_one_process_equals_knn_classifier(num_test):
         assert results[k] == pytest.approx(knn_classifier(train, train_labels, test, test_labels, k, 0.07, 10))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _sharded_worker(rank: int, world_size: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -117,7 +111,7 @@ def test_two_processes_give_the_same_accuracy_as_one():
     # With one test image, rank 1 holds no test feature at all; with 151 train images the shards are uneven.
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    workers = mp.start_processes(_sharded_worker, args=(2, _free_port(), queue), nprocs=2, join=False,
+    workers = mp.start_processes(_sharded_worker, args=(2, free_port(), queue), nprocs=2, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + 180  # a hang fails the test instead of blocking CI
     try:
