@@ -96,9 +96,10 @@ def clip_gradients(model: nn.Module, clip: float) -> None:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return
-    norms = torch._foreach_norm(grads)
-    scales = [torch.clamp(clip / (norm + 1e-6), max=1.0) for norm in norms]
-    torch._foreach_mul_(grads, scales)
+    # All scales in two kernels (stack, then one division and clamp), not two tiny kernels per parameter.
+    norms = torch.stack(torch._foreach_norm(grads))
+    scales = (clip / (norms + 1e-6)).clamp_(max=1.0)
+    torch._foreach_mul_(grads, list(scales.unbind()))
 
 
 def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
