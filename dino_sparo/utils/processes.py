@@ -22,14 +22,30 @@ Command = Sequence[Any]  # program and arguments, each turned into a string (pat
 Stream = int | IO[Any] | None
 
 
-def _parent_and_state(pid: int) -> tuple[int, str] | None:
-    """(parent pid, state letter) of ``pid`` from /proc, None when it is gone."""
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent pid, state letter, process group) of ``pid`` from /proc, None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
             fields = handle.read().rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
     except (OSError, IndexError):
         return None
-    return int(fields[1]), fields[0]
+    return int(fields[1]), fields[0], int(fields[2])
+
+
+def _parent_and_state(pid: int) -> tuple[int, str] | None:
+    """(parent pid, state letter) of ``pid`` from /proc, None when it is gone."""
+    found = _stat(pid)
+    return None if found is None else found[:2]
+
+
+def _group_members(group: int) -> list[int]:
+    """The live (not zombie) processes of process group ``group``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        found = _stat(int(entry)) if entry.isdigit() else None
+        if found is not None and found[2] == group and found[1] not in ("Z", "X"):
+            members.append(int(entry))
+    return members
 
 
 def _parents() -> dict[int, int]:
@@ -109,10 +125,16 @@ def kill_tree(target: subprocess.Popen | int) -> None:
     if isinstance(target, subprocess.Popen):
         _send(pid, signal.SIGKILL, group=True)
         target.wait()
-    # A signal is delivered after kill() returns: wait until the processes are gone, so that what they held (GPU
-    # memory, ports, files) is free when this returns.
+    # A signal is delivered after kill() returns: wait until the processes are gone (the tree's, and the orphans
+    # left in the group by a command that has already ended), so that what they held (GPU memory, ports, files)
+    # is free when this returns.
+    def any_left() -> bool:
+        if any(is_running(member) for member in members):
+            return True
+        return isinstance(target, subprocess.Popen) and bool(_group_members(pid))
+
     deadline = time.monotonic() + KILL_WAIT_S
-    while any(is_running(member) for member in members) and time.monotonic() < deadline:
+    while any_left() and time.monotonic() < deadline:
         time.sleep(0.001)
 
 
