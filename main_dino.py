@@ -1,7 +1,9 @@
 """DINO pretraining with a SPARO read-out. Single process: ``python main_dino.py --data_path DIR``;
 several: ``torchrun --nproc_per_node N main_dino.py ...``; built-in demo: ``python main_dino.py --demo``.
 
-Exit status: 0 done, 1 non-finite loss, 2 bad input, 3 preempted (state saved: run the same command again).
+Exit status: 0 done, 1 non-finite loss, 2 bad input (also an output folder that cannot be written, or out of device
+memory), 3 preempted (state saved: run the same command again), 4 another process of the job died or stopped
+responding (run the same command again).
 """
 from __future__ import annotations
 
@@ -117,6 +119,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        "(TensorBoard images); 0: no images")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--dist_url", default="env://", help="process-group initialisation URL")
+    group.add_argument("--dist_timeout", type=float, default=None,
+                       help="seconds a collective waits for the other processes before the job ends with an error "
+                       "naming the likely cause (default: torch's, 30 min for gloo, 10 min for NCCL)")
     group.add_argument("--local_rank", "--local-rank", type=int, default=0,
                        help="set by legacy launchers; torchrun's LOCAL_RANK variable takes precedence")
 

@@ -15,13 +15,13 @@ import pickle
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
 
 from .errors import UserError
-from .utils.files import replace_atomically
+from .utils.files import WriteSink, replace_atomically, write_failure_message
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 _BACKBONE_PREFIX = "backbone."  # the multi-crop wrapper's
@@ -254,32 +254,38 @@ def _normalised(value: Any) -> Any:
 
 @dataclass
 class ResumePoint:
-    """Where a resumed run starts: ``epoch`` (the next one to run) and, inside a preempted epoch, ``iteration``."""
+    """Where a resumed run starts: ``epoch`` (the next one to run) and, inside a preempted epoch, ``iteration``
+    and ``samples_done`` (of the epoch's sample order, by all processes together); ``world_size``: the number of
+    processes that wrote the checkpoint. The last two are None in checkpoints that predate them."""
     epoch: int
     iteration: int
     scaler_restored: bool
+    samples_done: int | None = None
+    world_size: int | None = None
 
 
 @dataclass
 class TrainState:
     """What main_dino.py checkpoints and resumes, defined once: ``checkpoint.pth`` holds ``student``, ``teacher``,
     ``optimizer``, ``dino_loss`` (its center) and ``fp16_scaler`` state dicts, ``args`` (a plain dict), ``epoch``
-    (the next epoch to run) and, for a preempted epoch, ``iteration`` (where to resume it): the reference's
-    entries, loadable with ``torch.load(weights_only=True)``."""
+    (the next epoch to run), ``world_size`` (the processes that wrote it) and, for a preempted epoch,
+    ``iteration`` and ``samples_done`` (where to resume it, see :class:`ResumePoint`): the reference's entries
+    and these, loadable with ``torch.load(weights_only=True)``."""
     student: nn.Module
     teacher: nn.Module
     optimizer: torch.optim.Optimizer
     dino_loss: nn.Module
     fp16_scaler: Any | None  # a torch.amp.GradScaler for fp16 training
     args: dict[str, Any]
+    world_size: int = 1
 
-    def save(self, path: str | os.PathLike, epoch: int, iteration: int = 0) -> None:
+    def save(self, path: str | os.PathLike, epoch: int, iteration: int = 0, samples_done: int = 0) -> None:
         state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "epoch": epoch, "args": self.args,
-                 "dino_loss": self.dino_loss.state_dict(),
+                 "dino_loss": self.dino_loss.state_dict(), "world_size": self.world_size,
                  "fp16_scaler": self.fp16_scaler.state_dict() if self.fp16_scaler is not None else None}
         if iteration:
-            state["iteration"] = iteration
+            state.update(iteration=iteration, samples_done=samples_done)
         save_atomic(state, path)
 
     def resume(self, path: str | os.PathLike, expected_args: Mapping[str, Any]) -> ResumePoint | None:
@@ -290,10 +296,37 @@ class TrainState:
                                              dino_loss=self.dino_loss, fp16_scaler=self.fp16_scaler)
         if checkpoint is None:
             return None
+        optional_int = {name: int(checkpoint[name]) if name in checkpoint else None
+                        for name in ("samples_done", "world_size")}
         return ResumePoint(int(checkpoint["epoch"]), int(checkpoint.get("iteration", 0)),
-                           checkpoint.get("fp16_scaler") is not None)
+                           checkpoint.get("fp16_scaler") is not None, **optional_int)
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj)`` to a temporary file next to ``path``, fsynced, then renamed over ``path``."""
-    replace_atomically(path, lambda handle: torch.save(obj, handle), binary=True)
+    """``torch.save(obj)`` to a temporary file next to ``path``, fsynced, then renamed over ``path``.
+
+    A write that fails (a full disk, the folder deleted or made read-only) leaves ``path`` as it was and no
+    temporary file, and is a one-line :class:`UserError` naming the folder (for a full disk, the space needed).
+    """
+    def write(handle: IO[bytes]) -> None:
+        sink = WriteSink(handle)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:  # torch.save reports a failed write as "unexpected pos ..."
+                raise sink.error from None
+            raise
+
+    try:
+        replace_atomically(path, write, binary=True)
+    except OSError as error:
+        reason = write_failure_message(path, error, needed_bytes=lambda: _serialized_size(obj))
+        raise UserError(f"{reason}; nothing was written, any previous {os.path.basename(os.fspath(path))} is "
+                        f"unchanged: free space or fix the folder, then run the same command again") from None
+
+
+def _serialized_size(obj: Any) -> int:
+    """Bytes ``torch.save(obj)`` writes, counted without writing them anywhere."""
+    sink = WriteSink()
+    torch.save(obj, sink)
+    return sink.size

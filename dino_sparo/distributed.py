@@ -11,13 +11,14 @@ gloo's threads abort it with SIGABRT instead of its own error.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import PeerLost, UserError
 
 
 @dataclass
@@ -77,11 +78,12 @@ def resolve_device(requested: str, local_rank: int = 0, flag: str = "--device") 
 
 
 def init_distributed(requested_device: str = "auto", dist_url: str = "env://",
-                     local_rank_flag: int = 0) -> DistributedContext:
+                     local_rank_flag: int = 0, timeout_s: float | None = None) -> DistributedContext:
     """Joins the process group the launcher describes (NCCL on GPUs, gloo on CPUs), also for a world of one
     under torchrun (as the reference does, so the collectives run there too), or, with no launcher variables,
-    returns a single-process context without creating any process group. A set-up that cannot work is a
-    :class:`UserError`."""
+    returns a single-process context without creating any process group. ``timeout_s``: how long a collective
+    waits for the other processes (None: torch's default, 30 min for gloo, 10 min for NCCL). A set-up that
+    cannot work is a :class:`UserError`."""
     env = _launcher_env(local_rank_flag)
     if env is None:
         return DistributedContext(device=resolve_device(requested_device))
@@ -91,14 +93,51 @@ def init_distributed(requested_device: str = "auto", dist_url: str = "env://",
         raise UserError("running under Slurm without MASTER_ADDR/MASTER_PORT: launch with srun + torchrun or "
                         "run_with_submitit.py, or pass --dist_url tcp://HOST:PORT")
     if not is_dist_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
         try:
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method=dist_url,
-                                    world_size=world_size, rank=rank,
-                                    device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    world_size=world_size, rank=rank, timeout=timeout,
+                                    device_id=device if device.type == "cuda" else None,
+                                    **_rendezvous(dist_url, rank, world_size, timeout))
         except (ValueError, RuntimeError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"cannot join the process group ({dist_url}): {first_line}") from None
     return DistributedContext(rank, world_size, local_rank, device)
+
+
+def _rendezvous(dist_url: str, rank: int, world_size: int, timeout: datetime.timedelta | None) -> dict:
+    """``init_process_group``'s rendezvous arguments. After a restart by ``torchrun --max-restarts`` the agent's
+    store still holds the keys of the attempt before, among them the address of every process then, which the
+    new processes would try to connect to: each attempt gets keys of its own."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0" or dist_url != "env://":
+        return {"init_method": dist_url}
+    store, _, _ = next(dist.rendezvous(dist_url, rank, world_size, timeout=timeout or dist.default_pg_timeout))
+    return {"store": dist.PrefixStore(f"attempt_{attempt}/", store)}
+
+
+# How gloo and NCCL word a collective that failed because of another process (as of torch 2.x).
+_PEER_TIMEOUT_SIGNS = ("Timed out waiting", "Socket Timeout", "Watchdog caught collective operation timeout")
+_PEER_LOST_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+                    "NCCL communicator was aborted")
+
+
+def peer_failure(error: BaseException, timeout_s: float | None) -> PeerLost | None:
+    """A one-line :class:`PeerLost` when ``error`` is a collective that failed because another process of the job
+    stopped responding or went away, else None (the error is something else)."""
+    if not is_dist_initialized():
+        return None
+    message = str(error)
+    if any(sign in message for sign in _PEER_TIMEOUT_SIGNS):
+        waited = f"--dist_timeout {timeout_s:g} s" if timeout_s else "the process-group timeout (torch's default)"
+        return PeerLost(f"no answer from another process of the job within {waited}: it hung or was stopped "
+                        f"(SIGSTOP, a debugger, heavy swapping, a stalled file system or node); see its log, then "
+                        f"run the same command again to resume from the last checkpoint")
+    if any(sign in message for sign in _PEER_LOST_SIGNS):
+        return PeerLost("another process of the job died or lost its connection (killed, out of memory, its node "
+                        "or launcher gone); see its log, then run the same command again to resume from the last "
+                        "checkpoint")
+    return None
 
 
 def destroy_distributed() -> None:

@@ -1,8 +1,10 @@
 """User-facing failures and the exit statuses the scripts map them to. Imports nothing heavy (no torch, no timm),
 so every module can use it.
 
-Exit statuses: 0 done, 1 non-finite loss (or an unexpected error), 2 bad input, 3 preempted (state saved: run the
-same command again), 130 interrupted by Ctrl-C.
+Exit statuses: 0 done, 1 non-finite loss (or an unexpected error), 2 bad input (flags, data, or an output folder
+that cannot be written: full, deleted, read-only) or out of device memory, 3 preempted (state saved: run the same
+command again), 4 another process of the job died or stopped responding (run the same command again: it resumes
+from the last checkpoint), 130 interrupted by Ctrl-C.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 EXIT_NONFINITE = 1
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 3
+EXIT_PEER_LOST = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -23,6 +26,11 @@ class UserError(Exception):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and iteration."""
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another process of a multi-process job died, lost its connection or stopped
+    responding; the message names the likely cause instead of the backend's traceback."""
 
 
 class Preempted(Exception):
@@ -43,6 +51,8 @@ def run_cli(main: Callable[[], Any]) -> None:
         _fail(f"error: {error}", EXIT_USER_ERROR)
     except NonFiniteLossError as error:
         _fail(f"error: {error}", EXIT_NONFINITE)
+    except PeerLost as error:
+        _fail(f"error: {error}", EXIT_PEER_LOST)
     except Preempted as stop:
         _fail(f"stopped: {stop}", EXIT_PREEMPTED)
     except KeyboardInterrupt:

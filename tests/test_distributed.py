@@ -107,7 +107,7 @@ def test_resumed_sampler_visits_exactly_what_the_uninterrupted_epoch_had_left(nu
         sampler = ResumableDistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=7)
         sampler.set_epoch(3)
         uninterrupted = list(sampler)
-        sampler.skip = stopped_at * batch
+        sampler.samples_done = stopped_at * batch * 2  # both ranks' batches
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=num_workers,
                                              drop_last=True)
         resumed = [int(index) for (indices,) in loader for index in indices]

@@ -77,7 +77,8 @@ def test_training_writes_checkpoints_logs_and_tensorboard(tmp_path, capsys):
     assert sorted(p for p in os.listdir(out) if p.endswith(".pth")) == \
         ["checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth"]
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert set(checkpoint) == {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "fp16_scaler"}
+    assert set(checkpoint) == {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "fp16_scaler",
+                               "world_size"}
     assert checkpoint["epoch"] == 2 and isinstance(checkpoint["args"], dict)
     assert checkpoint["args"]["readout"] == "sparo" and checkpoint["args"]["sparo_slots"] == 4
     assert json.loads(json.dumps(checkpoint["args"])) == checkpoint["args"]
@@ -213,8 +214,8 @@ def test_fp16_resume_of_a_run_saved_without_a_scaler_starts_a_fresh_one(tmp_path
     loss = DINOLoss(args.out_dim, 4, args.warmup_teacher_temp, args.teacher_temp, 0, args.epochs)
     capsys.readouterr()
     state = TrainState(student, teacher, optimizer, loss, scaler, {})
-    start = _resume_or_initialise(args, state, str(tmp_path / "out" / "checkpoint.pth"), 2, DistributedContext(),
+    start = _resume_or_initialise(args, state, str(tmp_path / "out" / "checkpoint.pth"), 8, 2, DistributedContext(),
                                   print)
-    assert start == (1, 0)
+    assert start == (1, 0, 0)
     assert "saved without fp16 training: starting a fresh GradScaler" in capsys.readouterr().out
     assert scaler.state_dict() == torch.amp.GradScaler("cpu").state_dict()

@@ -2,12 +2,12 @@
 skipped and counted), train/val splits sharing one class index, and the samplers and loaders around them."""
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -136,18 +136,34 @@ def labelled_splits(data_path: str, train_transform: Callable, val_transform: Ca
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that leaves out the first ``skip`` indices of this rank's order for the epoch set,
-    so a preempted epoch resumes where it stopped, with the remaining images in the same order."""
+    """DistributedSampler over one order of the data set per epoch (its seeded permutation), of which rank r of W
+    takes the positions r, r + W, r + 2W, ... without padding (the last fewer than W samples are left out, as
+    ``drop_last`` leaves out an incomplete batch).
+
+    ``samples_done`` is how many samples at the start of that order the job has consumed already, all ranks
+    together; the rest are dealt out to the ranks of this run, whatever their number. So a preempted epoch
+    resumes, also on another number of processes, with every remaining sample visited once and none repeated.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.skip = 0
+        self.samples_done = 0
+
+    def epoch_order(self) -> list[int]:
+        """The epoch's order of the whole data set, the same for any number of processes."""
+        if not self.shuffle:
+            return list(range(len(self.dataset)))
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.skip, None)
+        remaining = self.epoch_order()[self.samples_done:]
+        dealt = len(remaining) // self.num_replicas * self.num_replicas
+        return iter(remaining[self.rank:dealt:self.num_replicas])
 
     def __len__(self) -> int:
-        return max(0, super().__len__() - self.skip)
+        return max(0, len(self.dataset) - self.samples_done) // self.num_replicas
 
 
 def shard(dataset: Dataset, rank: int, world_size: int) -> Subset:

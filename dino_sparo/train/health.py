@@ -1,5 +1,6 @@
 """Is training healthy? A non-finite loss stops the run (found on the device, read at logging intervals only);
-a run that looks collapsed gets one clear warning with the usual remedies."""
+a run that looks collapsed gets one clear warning with the usual remedies; running out of device memory is one
+line naming what fills it."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from ..distributed import is_dist_initialized
-from ..errors import NonFiniteLossError
+from ..errors import NonFiniteLossError, UserError
 
 
 class NonFiniteWatch:
@@ -59,3 +60,16 @@ def warn_if_collapsed(stats: Mapping[str, Any], args: argparse.Namespace, enable
               f"{args.momentum_teacher}), a smaller --out_dim (now {args.out_dim}), a lower --lr (now {args.lr}) or "
               f"a longer --warmup_epochs.", file=sys.stderr, flush=True)
     return True
+
+
+def out_of_memory_error(args: argparse.Namespace, precision: str, device: torch.device, epoch: int,
+                        iteration: int) -> UserError:
+    """The one-line error for an out-of-memory error in the step: what sets the memory a step needs (images per
+    process, crops and their sizes, precision) and the flags that lower it."""
+    local = (f"{args.local_crops_number} local crops of {args.local_crop_size} px" if args.local_crops_number
+             else "no local crops")
+    lower_precision = ", or --precision bf16 (fp16 on GPUs older than Ampere)" if precision == "fp32" else ""
+    return UserError(f"out of memory in the training step at epoch {epoch}, iteration {iteration} on {device} "
+                     f"(batch {args.batch_size_per_gpu} per process, 2 global crops of {args.global_crop_size} px "
+                     f"and {local}, precision {precision}): lower --batch_size_per_gpu (the learning rate scales "
+                     f"with it), --local_crops_number, --global_crop_size or --local_crop_size{lower_precision}")

@@ -13,7 +13,7 @@ import torch
 
 from ..data.device_augment import StepViews
 from ..distributed import DistributedContext, is_dist_initialized
-from .health import NonFiniteWatch
+from .health import NonFiniteWatch, out_of_memory_error
 from .metrics import MetricLogger, TrainingLog, max_memory_mb
 from .preemption import PreemptionGuard
 from .schedules import Schedules
@@ -49,9 +49,11 @@ def train_one_epoch(step: TrainStep, loader: Iterable, views: StepViews, epoch: 
         data_wait += waited
         iteration = epoch * niter + index
         schedules.apply(step.optimizer, iteration)
-        crops = views(crops, iteration)
         skipped += int(skipped_here.sum())
-        values = step(crops, epoch, float(schedules.momentum[iteration]))
+        try:
+            values = step(views(crops, iteration), epoch, float(schedules.momentum[iteration]))
+        except torch.OutOfMemoryError:
+            raise out_of_memory_error(args, step.precision, ctx.device, epoch, index) from None
         nonfinite.update(values["loss"], index)
         metrics.update(**values, lr=schedules.lr[iteration], wd=schedules.weight_decay[iteration],
                        teacher_momentum=schedules.momentum[iteration],
@@ -81,6 +83,9 @@ def train_one_epoch(step: TrainStep, loader: Iterable, views: StepViews, epoch: 
     stats = {f"train_{name}": value for name, value in averages.items()}
     stats.update(epoch=epoch, images_per_s=images_per_step * steps_run / epoch_time, epoch_time_s=round(epoch_time, 2),
                  data_wait_share=round(data_wait / max(epoch_time, 1e-9), 4), skipped_images=skipped)
+    peak_memory = max_memory_mb(ctx.device)
+    if peak_memory is not None:
+        stats["max_memory_mb"] = round(peak_memory, 1)
     if stopped_at is not None:
         return EpochOutcome(stats, stopped_at)
     say(f"Epoch {epoch} done in {epoch_time:.1f}s: loss {stats['train_loss']:.4f}, teacher entropy "

@@ -39,12 +39,17 @@ class Schedules:
                 group["weight_decay"] = float(self.weight_decay[iteration])
 
 
+def peak_learning_rate(args: argparse.Namespace, world_size: int) -> float:
+    """``--lr`` is given for 256 images: the peak learning rate scales linearly with the global batch."""
+    return args.lr * args.batch_size_per_gpu * world_size / 256.0
+
+
 def build_schedules(args: argparse.Namespace, niter_per_epoch: int, world_size: int) -> Schedules:
-    """The learning rate scales linearly with the global batch (lr is given for 256 images), warms up linearly
-    and decays by a cosine to min_lr; weight decay rises by a cosine; the teacher momentum rises to 1."""
-    peak_lr = args.lr * args.batch_size_per_gpu * world_size / 256.0
+    """The learning rate (:func:`peak_learning_rate`) warms up linearly and decays by a cosine to min_lr; weight
+    decay rises by a cosine; the teacher momentum rises to 1."""
     return Schedules(
-        lr=cosine_scheduler(peak_lr, args.min_lr, args.epochs, niter_per_epoch, warmup_epochs=args.warmup_epochs),
+        lr=cosine_scheduler(peak_learning_rate(args, world_size), args.min_lr, args.epochs, niter_per_epoch,
+                            warmup_epochs=args.warmup_epochs),
         weight_decay=cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_epoch),
         momentum=cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter_per_epoch),
     )

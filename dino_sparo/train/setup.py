@@ -50,6 +50,7 @@ def validate_args(args: argparse.Namespace) -> None:
     check(args.local_crops_number >= 0, f"--local_crops_number must be >= 0, got {args.local_crops_number}")
     check(args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}")
     check(args.saveckp_freq >= 0, f"--saveckp_freq must be >= 0, got {args.saveckp_freq}")
+    check(args.dist_timeout is None or args.dist_timeout > 0, f"--dist_timeout must be > 0, got {args.dist_timeout}")
     for name in ("global_crops_scale", "local_crops_scale"):
         low, high = getattr(args, name)
         check(0 < low <= high <= 1, f"--{name} must satisfy 0 < min <= max <= 1, got {low} {high}")

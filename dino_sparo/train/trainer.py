@@ -14,7 +14,7 @@ from torch import nn
 
 from ..checkpoint import TrainState, load_student_weights
 from ..data.demo import DEMO_CLASS_LABEL
-from ..distributed import DistributedContext, barrier, init_distributed
+from ..distributed import DistributedContext, barrier, init_distributed, peer_failure
 from ..errors import Preempted
 from ..loss import DINOLoss
 from ..models.config import architecture_args
@@ -23,7 +23,7 @@ from .health import warn_if_collapsed
 from .loop import train_one_epoch
 from .metrics import TrainingLog
 from .preemption import PreemptionGuard
-from .schedules import build_schedules
+from .schedules import build_schedules, peak_learning_rate
 from .setup import (
     build_models,
     build_training_data,
@@ -53,7 +53,7 @@ class TrainResult:
 def train_dino(args: argparse.Namespace) -> TrainResult:
     """Trains from ``args`` (as main_dino.py parses them); resumes from ``output_dir/checkpoint.pth``."""
     validate_args(args)
-    ctx = init_distributed(args.device, args.dist_url, args.local_rank)
+    ctx = init_distributed(args.device, args.dist_url, args.local_rank, args.dist_timeout)
     say = _printer(ctx.is_main)
     args = resolve_args(args, ctx.is_main, say)
     precision = resolve_precision(args.precision, args.use_fp16, ctx.device)
@@ -78,17 +78,19 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
     optimizer = build_optimizer(args.optimizer, get_params_groups(student_module, args), ctx.device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     niter = len(loader)
+    global_batch = args.batch_size_per_gpu * ctx.world_size
     schedules = build_schedules(args, niter, ctx.world_size)
 
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    state = TrainState(student_module, teacher, optimizer, dino_loss, scaler, jsonable_args(args))
-    start_epoch, start_iteration = _resume_or_initialise(args, state, checkpoint_path, niter, ctx, say)
+    state = TrainState(student_module, teacher, optimizer, dino_loss, scaler, jsonable_args(args), ctx.world_size)
+    start_epoch, start_iteration, start_samples_done = _resume_or_initialise(args, state, checkpoint_path,
+                                                                             len(sampler.dataset), niter, ctx, say)
     step = TrainStep(args, student, student_module, teacher, dino_loss, optimizer, scaler, precision, ctx.device,
                      frozen_blocks(args))
     result = TrainResult(student_module, teacher, dino_loss, start_epoch)
     run_facts: dict[str, Any] = {"precision": precision, "device": str(ctx.device), "world_size": ctx.world_size,
                                  "augment_device": "pil" if views.augmentation is None else str(views.augment_device)}
-    if start_epoch or start_iteration:
+    if start_epoch or start_samples_done:
         run_facts.update(resumed_from_epoch=start_epoch, resumed_from_iteration=start_iteration)
 
     log = TrainingLog(args.output_dir, ctx.is_main)
@@ -100,14 +102,15 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
             for epoch in range(start_epoch, args.epochs):
                 first_iteration = start_iteration if epoch == start_epoch else 0
                 sampler.set_epoch(epoch)
-                sampler.skip = first_iteration * args.batch_size_per_gpu
+                sampler.samples_done = start_samples_done if epoch == start_epoch else 0
                 # Reseeded per epoch so that resuming reproduces the augmentations of an uninterrupted run.
                 seed_everything(args.seed + 10007 * epoch + ctx.rank)
                 outcome = train_one_epoch(step, loader, views, epoch, niter, schedules, ctx, log, say, args, guard,
                                           first_iteration)
                 if outcome.stopped_at is not None:
+                    samples_done = sampler.samples_done + (outcome.stopped_at - first_iteration) * global_batch
                     if ctx.is_main:
-                        state.save(checkpoint_path, epoch, outcome.stopped_at)
+                        state.save(checkpoint_path, epoch, outcome.stopped_at, samples_done)
                     barrier()  # no rank exits (which makes torchrun stop the others) before the checkpoint is saved
                     raise Preempted(guard.signum, epoch, outcome.stopped_at, checkpoint_path)
                 stats = {**outcome.stats, **run_facts}
@@ -123,6 +126,11 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
                 if epoch + 1 < args.epochs and guard.agreed_stop():
                     barrier()
                     raise Preempted(guard.signum, epoch + 1, 0, checkpoint_path)
+    except RuntimeError as error:
+        lost = peer_failure(error, args.dist_timeout)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         log.close()
     if args.knn_data_path:
@@ -130,25 +138,45 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
     return result
 
 
-def _resume_or_initialise(args: argparse.Namespace, state: TrainState, checkpoint_path: str, niter: int,
-                          ctx: DistributedContext, say: Callable[[str], None]) -> tuple[int, int]:
-    """``(epoch, iteration)`` to start from: those of ``checkpoint_path`` when it exists (the run resumes),
-    else (0, 0) with the weights of ``--init_from`` when given."""
+def _resume_or_initialise(args: argparse.Namespace, state: TrainState, checkpoint_path: str, num_samples: int,
+                          niter: int, ctx: DistributedContext, say: Callable[[str], None]) -> tuple[int, int, int]:
+    """``(epoch, iteration, samples_done)`` to start from: those of ``checkpoint_path`` when it exists (the run
+    resumes), else (0, 0, 0) with the weights of ``--init_from`` when given.
+
+    A preempted epoch resumes after the ``samples_done`` samples of its order that all processes together had
+    consumed, whatever the number of processes now (see ``ResumableDistributedSampler``). Its remaining samples
+    make the last iterations of the epoch at this run's global batch, so the schedules continue at the iteration
+    that covers the same share of the epoch.
+    """
     resumed = state.resume(checkpoint_path, architecture_args(args))
     if resumed is None:
         if args.init_from:
             load_student_weights(state.student, args.init_from, args.init_from_key, verbose=ctx.is_main)
             state.teacher.load_state_dict(state.student.state_dict())
-        return 0, 0
+        return 0, 0, 0
     if state.fp16_scaler is not None and not resumed.scaler_restored:
         say(f"{checkpoint_path} was saved without fp16 training: starting a fresh GradScaler")
-    epoch, iteration = resumed.epoch, resumed.iteration
-    if iteration >= niter:  # the data set shrank since: the interrupted epoch counts as done
-        epoch, iteration = epoch + 1, 0
-    where = f", iteration {iteration} of {niter} (a preempted epoch)" if iteration else ""
+    global_batch = args.batch_size_per_gpu * ctx.world_size
+    epoch, iteration, samples_done = resumed.epoch, 0, 0
+    if resumed.iteration:
+        # checkpoints without samples_done predate resuming on another number of processes: same world size
+        samples_done = resumed.samples_done if resumed.samples_done is not None else resumed.iteration * global_batch
+        left = max(0, num_samples - samples_done) // global_batch
+        iteration = niter - left
+        if left == 0:  # nothing left of it at this global batch (or the data set shrank): the epoch counts as done
+            epoch, iteration, samples_done = epoch + 1, 0, 0
+    if resumed.world_size is not None and resumed.world_size != ctx.world_size:
+        before = resumed.world_size
+        say(f"resuming a run of {before} process(es) on {ctx.world_size}: the global batch is now {global_batch} "
+            f"images (was {args.batch_size_per_gpu * before}), so the peak learning rate (--lr {args.lr:g} x global "
+            f"batch / 256) is now {peak_learning_rate(args, ctx.world_size):.4g} (was "
+            f"{peak_learning_rate(args, before):.4g}), and an epoch has {niter} iterations (had "
+            f"{num_samples // (args.batch_size_per_gpu * before)})")
+    where = (f", iteration {iteration} of {niter} (a preempted epoch), after {samples_done} of its {num_samples} "
+             f"images" if samples_done else "")
     say(f"resumed from {checkpoint_path} at epoch {epoch}{where} (epochs done: {epoch} of {args.epochs})"
         + (f"; --init_from {args.init_from} is ignored when resuming" if args.init_from else ""))
-    return epoch, iteration
+    return epoch, iteration, samples_done
 
 
 def _printer(enabled: bool) -> Callable[[str], None]:

@@ -3,9 +3,11 @@ the target, is fsynced and renamed over it. Standard library only (the GPU check
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
@@ -31,6 +33,54 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[IO], Any], bina
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+class WriteSink:
+    """A file-like target (e.g. for ``torch.save``) that counts the bytes written, passes them on to ``handle``
+    (if any) and keeps the ``OSError`` of the first write that fails, for callers whose writer reports it as
+    something else (torch.save raises a RuntimeError)."""
+
+    def __init__(self, handle: IO | None = None) -> None:
+        self.handle, self.size = handle, 0
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        if self.handle is None:
+            return len(data)
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        if self.handle is not None:
+            self.handle.flush()
+
+
+def write_failure_message(path: str | os.PathLike, error: OSError, needed_bytes: Callable[[], int] | None = None
+                          ) -> str:
+    """Why ``path`` could not be written, in one line naming its folder: a full disk (with the space
+    ``needed_bytes()`` asks for against the space free), a folder deleted or made read-only, or else the error."""
+    folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(os.fspath(path))
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        needed = f"{_megabytes(needed_bytes())} needed, " if needed_bytes is not None else ""
+        try:
+            free = f"{_megabytes(shutil.disk_usage(folder).free)} free"
+        except OSError:
+            free = "free space unknown"
+        return f"no space left in {folder} to write {name} ({needed}{free})"
+    if not os.path.isdir(folder):
+        return f"the output folder {folder} was deleted while {name} was being written"
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"the output folder {folder} is not writable any more ({error.strerror}) while writing {name}"
+    return f"cannot write {name} in {folder}: {error.strerror or error}"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> None:

@@ -7,9 +7,15 @@ workers, submitit jobs). Python imports this module at start-up when this folder
                             torchrun and Slurm do: DataLoader workers get it from a process that is not
                             their parent (torch's workers exit quietly only on their parent's SIGTERM)
     kill:step=6             SIGKILL this process at the start of its 6th step
+    agent:step=2            SIGKILL this process's parent (its torchrun agent), then this process, at the start of
+                            its 2nd step: what a node that dies looks like to the rest of the job
     kill:save=1             SIGKILL this process halfway through writing its 1st file with save_atomic
     raise:step=2            raise RuntimeError("injected fault ...") at the start of its 2nd step
     raise:setup             raise RuntimeError("injected fault ...") while the models are built
+    oom:step=2              raise torch.OutOfMemoryError (as CUDA does) at the start of its 2nd step
+    enospc:save=2           its 2nd save_atomic write fails with ENOSPC after 64 KiB, as on a full disk
+    rmdir:save=2            the folder of its 2nd save_atomic file is deleted just before that write
+    readonly:save=2         its 2nd save_atomic write fails with EROFS, as on a file system remounted read-only
 
 ``DINO_SPARO_FAULT_RANK`` limits the fault to the process of that ``RANK``; ``DINO_SPARO_FAULT_ONCE`` names a
 marker file: the fault fires only if it does not exist yet, and creates it (so a requeued job runs clean).
@@ -27,12 +33,23 @@ def _armed() -> bool:
     return not (marker and os.path.exists(marker))
 
 
-def _fire(action: str, signal_name: str | None) -> None:
+def _mark_fired() -> None:
     marker = os.environ.get("DINO_SPARO_FAULT_ONCE")
     if marker:
         open(marker, "w").close()
+
+
+def _fire(action: str, signal_name: str | None) -> None:
+    _mark_fired()
     if action == "raise":
         raise RuntimeError(f"injected fault ({os.environ['DINO_SPARO_FAULT']})")
+    if action == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected fault)")
+    if action == "agent":
+        os.kill(os.getppid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
     if action == "group":
         import subprocess
 
@@ -81,6 +98,9 @@ def _install(spec: str) -> None:
     import dino_sparo.checkpoint as checkpoint
     from dino_sparo.utils.files import temporary_path
 
+    if action != "kill":
+        _install_write_failure(action, count)
+        return
     original_save = checkpoint.save_atomic
 
     def save_killed_halfway(obj, path):
@@ -96,6 +116,50 @@ def _install(spec: str) -> None:
         return original_save(obj, path)
 
     checkpoint.save_atomic = save_killed_halfway
+
+
+class _FillingDisk:
+    """A file handle on a disk that is full after ``room`` more bytes."""
+
+    def __init__(self, handle, room: int) -> None:
+        self.handle, self.room = handle, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _install_write_failure(action: str, count: int) -> None:
+    """The ``count``-th write of save_atomic (through ``replace_atomically``) meets a full disk, a deleted folder
+    or a read-only file system; the code under test handles the error itself."""
+    import errno
+    import shutil
+
+    import dino_sparo.checkpoint as checkpoint
+
+    original_replace = checkpoint.replace_atomically
+    calls = [0]
+
+    def failing_replace(path, write, binary):
+        calls[0] += 1
+        if calls[0] != count or not _armed():
+            return original_replace(path, write, binary)
+        _mark_fired()
+        if action == "enospc":
+            return original_replace(path, lambda handle: write(_FillingDisk(handle, 64 * 1024)), binary)
+        if action == "rmdir":
+            shutil.rmtree(os.path.dirname(os.path.abspath(path)))
+            return original_replace(path, write, binary)
+        raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+
+    checkpoint.replace_atomically = failing_replace
 
 
 if os.environ.get("DINO_SPARO_FAULT"):
