@@ -10,6 +10,7 @@ Writing: :func:`save_atomic` writes a temporary file, fsyncs it and renames it i
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -256,12 +257,15 @@ def _normalised(value: Any) -> Any:
 class ResumePoint:
     """Where a resumed run starts: ``epoch`` (the next one to run) and, inside a preempted epoch, ``iteration``
     and ``samples_done`` (of the epoch's sample order, by all processes together); ``world_size``: the number of
-    processes that wrote the checkpoint. The last two are None in checkpoints that predate them."""
+    processes that wrote the checkpoint. The last two are None in checkpoints that predate them.
+    ``log_record``: the ``log.txt`` record of the epoch the checkpoint ends (None for a preempted epoch and in
+    older checkpoints), so that a run killed between its checkpoint and its log line can still log that epoch."""
     epoch: int
     iteration: int
     scaler_restored: bool
     samples_done: int | None = None
     world_size: int | None = None
+    log_record: dict[str, Any] | None = None
 
 
 @dataclass
@@ -269,8 +273,9 @@ class TrainState:
     """What main_dino.py checkpoints and resumes, defined once: ``checkpoint.pth`` holds ``student``, ``teacher``,
     ``optimizer``, ``dino_loss`` (its center) and ``fp16_scaler`` state dicts, ``args`` (a plain dict), ``epoch``
     (the next epoch to run), ``world_size`` (the processes that wrote it) and, for a preempted epoch,
-    ``iteration`` and ``samples_done`` (where to resume it, see :class:`ResumePoint`): the reference's entries
-    and these, loadable with ``torch.load(weights_only=True)``."""
+    ``iteration`` and ``samples_done`` (where to resume it, see :class:`ResumePoint`), else ``log_record`` (the
+    finished epoch's ``log.txt`` line): the reference's entries and these, loadable with
+    ``torch.load(weights_only=True)``."""
     student: nn.Module
     teacher: nn.Module
     optimizer: torch.optim.Optimizer
@@ -279,13 +284,16 @@ class TrainState:
     args: dict[str, Any]
     world_size: int = 1
 
-    def save(self, path: str | os.PathLike, epoch: int, iteration: int = 0, samples_done: int = 0) -> None:
+    def save(self, path: str | os.PathLike, epoch: int, iteration: int = 0, samples_done: int = 0,
+             log_record: Mapping[str, Any] | None = None) -> None:
         state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "epoch": epoch, "args": self.args,
                  "dino_loss": self.dino_loss.state_dict(), "world_size": self.world_size,
                  "fp16_scaler": self.fp16_scaler.state_dict() if self.fp16_scaler is not None else None}
         if iteration:
             state.update(iteration=iteration, samples_done=samples_done)
+        if log_record is not None:
+            state["log_record"] = json.loads(json.dumps(dict(log_record)))  # plain types: weights_only loads it
         save_atomic(state, path)
 
     def resume(self, path: str | os.PathLike, expected_args: Mapping[str, Any]) -> ResumePoint | None:
@@ -299,7 +307,8 @@ class TrainState:
         optional_int = {name: int(checkpoint[name]) if name in checkpoint else None
                         for name in ("samples_done", "world_size")}
         return ResumePoint(int(checkpoint["epoch"]), int(checkpoint.get("iteration", 0)),
-                           checkpoint.get("fp16_scaler") is not None, **optional_int)
+                           checkpoint.get("fp16_scaler") is not None, **optional_int,
+                           log_record=checkpoint.get("log_record"))
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:

@@ -3,6 +3,7 @@ subprocesses that can neither hang a test nor outlive it (each in its own proces
 the test is done with it, so torchrun and DataLoader workers go too; every wait has a deadline)."""
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import sys
@@ -139,3 +140,17 @@ def read(path: str) -> str:
             return handle.read()
     except FileNotFoundError:
         return ""
+
+
+def temporaries(out) -> list[str]:
+    return glob.glob(os.path.join(out, ".checkpoint*.tmp-*"))
+
+
+def assert_every_checkpoint_loads(out) -> list[dict]:
+    """Every checkpoint file on disk is complete: it loads with weights_only=True and holds a full state."""
+    loaded = []
+    for path in sorted(glob.glob(os.path.join(out, "checkpoint*.pth"))):
+        checkpoint = torch.load(path, weights_only=True)
+        assert {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"} <= set(checkpoint), path
+        loaded.append(checkpoint)
+    return loaded

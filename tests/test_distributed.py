@@ -6,7 +6,8 @@ import torch
 import torch.multiprocessing as mp
 from helpers import ROOT, TINY, free_port, make_images, run, tiny_args
 
-from dino_sparo.data.datasets import ResumableDistributedSampler
+from dino_sparo.data import DataAugmentationDINO
+from dino_sparo.data.datasets import ImageDataset, ResumableDistributedSampler
 from dino_sparo.distributed import DistributedContext, init_distributed, is_dist_initialized
 from dino_sparo.train.setup import build_models
 from main_dino import parse_args
@@ -114,3 +115,43 @@ def test_resumed_sampler_visits_exactly_what_the_uninterrupted_epoch_had_left(nu
         expected = uninterrupted[stopped_at * batch:]
         assert resumed == expected[: len(expected) // batch * batch]
         assert len(loader) == len(expected) // batch
+
+
+def crops_by_index(sampler: ResumableDistributedSampler, num_workers: int) -> dict[int, list[torch.Tensor]]:
+    loader = torch.utils.data.DataLoader(sampler.dataset, batch_size=2, sampler=sampler, num_workers=num_workers)
+    found = {}
+    for crops, _, _ in loader:
+        indices = [index for index, _ in list(sampler)[len(found):len(found) + len(crops[0])]]
+        for position, index in enumerate(indices):
+            found[index] = [crop[position] for crop in crops]
+    return found
+
+
+def test_a_resumed_epoch_sees_the_crops_of_the_uninterrupted_one_on_any_processes_and_workers(tmp_path):
+    """Each sample's augmentations are drawn from (seed, epoch, index): the crops of a sample do not depend on
+    where in the epoch a run resumed, on how many processes share it, or on DataLoader workers."""
+    dataset = ImageDataset(make_images(tmp_path / "data", count=12, size=40),
+                           DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 2, 32, 16), count_skipped=True)
+
+    def sampler(world_size: int, rank: int, samples_done: int) -> ResumableDistributedSampler:
+        made = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=3,
+                                           seed_samples=True)
+        made.set_epoch(2)
+        made.samples_done = samples_done
+        return made
+
+    uninterrupted = crops_by_index(sampler(1, 0, 0), num_workers=0)
+    assert len(uninterrupted) == 12
+    torch.manual_seed(99)  # whatever state the generator is in
+    resumed = {}
+    for rank in range(2):
+        resumed.update(crops_by_index(sampler(2, rank, 4), num_workers=2))
+    assert len(resumed) == 8 and set(resumed) <= set(uninterrupted)
+    for index, crops in resumed.items():
+        for crop, expected in zip(crops, uninterrupted[index], strict=True):
+            assert torch.equal(crop, expected), index
+    # another epoch draws other crops of the same image
+    other_epoch = sampler(1, 0, 0)
+    other_epoch.set_epoch(3)
+    index = next(iter(uninterrupted))
+    assert not torch.equal(crops_by_index(other_epoch, num_workers=0)[index][0], uninterrupted[index][0])

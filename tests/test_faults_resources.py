@@ -9,8 +9,7 @@ import re
 
 import pytest
 import torch
-from helpers import TINY, environment, make_images, run, script
-from test_faults_training import assert_every_checkpoint_loads, temporaries
+from helpers import TINY, assert_every_checkpoint_loads, environment, make_images, run, script, temporaries
 
 from dino_sparo.errors import EXIT_USER_ERROR
 

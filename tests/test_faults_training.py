@@ -2,31 +2,27 @@
 write), preemption signals, a non-finite loss and unreadable image files."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
 
 import pytest
 import torch
-from helpers import TINY, environment, kill_tree, make_images, run, script, tiny_args, wait_until
+from helpers import (
+    TINY,
+    assert_every_checkpoint_loads,
+    environment,
+    kill_tree,
+    make_images,
+    run,
+    script,
+    temporaries,
+    tiny_args,
+    wait_until,
+)
 
 from dino_sparo.errors import EXIT_PREEMPTED
 from dino_sparo.train import train_dino
-
-
-def temporaries(out) -> list[str]:
-    return glob.glob(os.path.join(out, ".checkpoint*.tmp-*"))
-
-
-def assert_every_checkpoint_loads(out) -> list[dict]:
-    """Every checkpoint file on disk is complete: it loads with weights_only=True and holds a full state."""
-    loaded = []
-    for path in sorted(glob.glob(os.path.join(out, "checkpoint*.pth"))):
-        checkpoint = torch.load(path, weights_only=True)
-        assert {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"} <= set(checkpoint), path
-        loaded.append(checkpoint)
-    return loaded
 
 
 @pytest.mark.slow

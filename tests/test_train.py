@@ -20,6 +20,7 @@ from dino_sparo.optim import (
 )
 from dino_sparo.train import train_dino
 from dino_sparo.train.health import warn_if_collapsed
+from dino_sparo.train.metrics import TrainingLog
 from dino_sparo.train.setup import build_models, resolve_precision
 from dino_sparo.train.trainer import _resume_or_initialise
 
@@ -78,7 +79,7 @@ def test_training_writes_checkpoints_logs_and_tensorboard(tmp_path, capsys):
         ["checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth"]
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     assert set(checkpoint) == {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "fp16_scaler",
-                               "world_size"}
+                               "log_record", "world_size"}
     assert checkpoint["epoch"] == 2 and isinstance(checkpoint["args"], dict)
     assert checkpoint["args"]["readout"] == "sparo" and checkpoint["args"]["sparo_slots"] == 4
     assert json.loads(json.dumps(checkpoint["args"])) == checkpoint["args"]
@@ -215,7 +216,24 @@ def test_fp16_resume_of_a_run_saved_without_a_scaler_starts_a_fresh_one(tmp_path
     capsys.readouterr()
     state = TrainState(student, teacher, optimizer, loss, scaler, {})
     start = _resume_or_initialise(args, state, str(tmp_path / "out" / "checkpoint.pth"), 8, 2, DistributedContext(),
-                                  print)
+                                  TrainingLog(str(tmp_path / "out"), enabled=False), print)
     assert start == (1, 0, 0)
     assert "saved without fp16 training: starting a fresh GradScaler" in capsys.readouterr().out
     assert scaler.state_dict() == torch.amp.GradScaler("cpu").state_dict()
+
+
+def test_an_epoch_whose_log_line_was_lost_is_logged_from_its_checkpoint(tmp_path, capsys):
+    """A kill between writing checkpoint.pth and appending the epoch's log.txt line: the rerun writes the line
+    from the checkpoint's copy of the record, so log.txt still holds every epoch exactly once."""
+    data = make_images(tmp_path / "data", count=8)
+    out = tmp_path / "out"
+    train_dino(tiny_args(data, out, "--epochs", "1"))
+    (record,) = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    (out / "log.txt").write_text("")
+    capsys.readouterr()
+    train_dino(tiny_args(data, out, "--epochs", "2"))
+    assert "log.txt had no line for epoch 0" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1] and lines[0] == record
+    train_dino(tiny_args(data, out, "--epochs", "3"))  # a log that has the epoch is left alone
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0, 1, 2]

@@ -2,6 +2,7 @@
 skipped and counted), train/val splits sharing one class index, and the samplers and loaders around them."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -89,9 +90,16 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """``key``: an index, or ``(index, seed)`` from a sampler that seeds each sample
+        (:class:`ResumableDistributedSampler`): the transform's random draws then come from ``seed`` alone."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         if not 0 <= index < len(self.samples):
             raise IndexError(f"index {index} out of range for {len(self.samples)} images")
+        with seeded_cpu_draws(seed):
+            return self._item(index)
+
+    def _item(self, index: int):
         for skipped in range(len(self.samples)):
             position = (index + skipped) % len(self.samples)
             sample = self._read(position)
@@ -135,6 +143,18 @@ def labelled_splits(data_path: str, train_transform: Callable, val_transform: Ca
     return train, val
 
 
+@contextlib.contextmanager
+def seeded_cpu_draws(seed: int | None) -> Iterator[None]:
+    """Torch's CPU random draws inside the block come from ``seed`` (nothing changes when it is None); the
+    generator's state outside the block is left as it was."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 class ResumableDistributedSampler(DistributedSampler):
     """DistributedSampler over one order of the data set per epoch (its seeded permutation), of which rank r of W
     takes the positions r, r + W, r + 2W, ... without padding (the last fewer than W samples are left out, as
@@ -143,11 +163,19 @@ class ResumableDistributedSampler(DistributedSampler):
     ``samples_done`` is how many samples at the start of that order the job has consumed already, all ranks
     together; the rest are dealt out to the ranks of this run, whatever their number. So a preempted epoch
     resumes, also on another number of processes, with every remaining sample visited once and none repeated.
+
+    With ``seed_samples`` it yields ``(index, seed)`` pairs, the seed a function of (``seed``, epoch, index) only,
+    which :class:`ImageDataset` draws the sample's augmentations from: a resumed epoch, on any number of processes
+    or DataLoader workers, then sees the very crops an uninterrupted run would have seen.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, seed_samples: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.samples_done = 0
+        self.seed_samples = seed_samples
+
+    def sample_seed(self, index: int) -> int:
+        return ((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index) % 2**63
 
     def epoch_order(self) -> list[int]:
         """The epoch's order of the whole data set, the same for any number of processes."""
@@ -157,10 +185,11 @@ class ResumableDistributedSampler(DistributedSampler):
         generator.manual_seed(self.seed + self.epoch)
         return torch.randperm(len(self.dataset), generator=generator).tolist()
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
         remaining = self.epoch_order()[self.samples_done:]
         dealt = len(remaining) // self.num_replicas * self.num_replicas
-        return iter(remaining[self.rank:dealt:self.num_replicas])
+        mine = remaining[self.rank:dealt:self.num_replicas]
+        return iter([(index, self.sample_seed(index)) for index in mine] if self.seed_samples else mine)
 
     def __len__(self) -> int:
         return max(0, len(self.dataset) - self.samples_done) // self.num_replicas

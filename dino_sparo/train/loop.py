@@ -50,6 +50,9 @@ def train_one_epoch(step: TrainStep, loader: Iterable, views: StepViews, epoch: 
         iteration = epoch * niter + index
         schedules.apply(step.optimizer, iteration)
         skipped += int(skipped_here.sum())
+        # The step's own draws (stochastic depth) from (seed, iteration, rank): a run resumed in the middle of an
+        # epoch then takes the very steps of an uninterrupted one.
+        torch.manual_seed(((args.seed * 7_919 + iteration) * 104_729 + ctx.rank) % 2**63)  # not the views' seed
         try:
             values = step(views(crops, iteration), epoch, float(schedules.momentum[iteration]))
         except torch.OutOfMemoryError:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..distributed import is_dist_initialized
-from ..utils.files import append_json_line
+from ..utils.files import append_json_line, read_json_lines
 
 
 class SmoothedValue:
@@ -133,9 +133,21 @@ class TrainingLog:
     def epoch(self, stats: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        append_json_line(os.path.join(self.output_dir, "log.txt"), stats)
+        append_json_line(self.path, stats)
         if self.writer is not None:
             self.writer.flush()
+
+    def recover(self, record: Mapping[str, Any]) -> bool:
+        """Appends ``record`` (a finished epoch's line, kept in its checkpoint) unless ``log.txt`` has that epoch:
+        a run killed between writing the checkpoint and its log line left it out. Whether it was appended."""
+        if not self.enabled or any(line.get("epoch") == record["epoch"] for line in read_json_lines(self.path)):
+            return False
+        append_json_line(self.path, record)
+        return True
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.output_dir, "log.txt")
 
     def close(self) -> None:
         if self.writer is not None:

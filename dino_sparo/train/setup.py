@@ -153,7 +153,7 @@ def build_training_data(args: argparse.Namespace, ctx: DistributedContext, say: 
     views = StepViews(augmentation, augment_device, ctx.device, args.seed, ctx.rank)
     dataset = ImageDataset(args.data_path, transform, count_skipped=True)
     sampler = ResumableDistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                          seed=args.seed)
+                                          seed=args.seed, seed_samples=True)
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
                         pin_memory=ctx.device.type == "cuda", drop_last=True,
                         worker_init_fn=ignore_preemption_signals)

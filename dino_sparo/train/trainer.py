@@ -83,8 +83,10 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
 
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     state = TrainState(student_module, teacher, optimizer, dino_loss, scaler, jsonable_args(args), ctx.world_size)
+    log = TrainingLog(args.output_dir, ctx.is_main)
     start_epoch, start_iteration, start_samples_done = _resume_or_initialise(args, state, checkpoint_path,
-                                                                             len(sampler.dataset), niter, ctx, say)
+                                                                             len(sampler.dataset), niter, ctx, log,
+                                                                             say)
     step = TrainStep(args, student, student_module, teacher, dino_loss, optimizer, scaler, precision, ctx.device,
                      frozen_blocks(args))
     result = TrainResult(student_module, teacher, dino_loss, start_epoch)
@@ -93,7 +95,6 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
     if start_epoch or start_samples_done:
         run_facts.update(resumed_from_epoch=start_epoch, resumed_from_iteration=start_iteration)
 
-    log = TrainingLog(args.output_dir, ctx.is_main)
     monitor = (SlotMonitor(args.data_path, args.global_crop_size, ctx.device, viz_freq=args.viz_freq)
                if ctx.is_main and student_module.backbone.readout_module.has_attention_maps else None)
     collapse_warned = False
@@ -118,10 +119,14 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
                     stats.update(monitor(teacher.backbone, epoch, log))
                 result.epoch_stats.append(stats)
                 if ctx.is_main:
-                    state.save(checkpoint_path, epoch + 1)
+                    # checkpoint.pth last: it commits the epoch, so a kill before it leaves no epoch half recorded
                     if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-                        state.save(os.path.join(args.output_dir, f"checkpoint{epoch:04d}.pth"), epoch + 1)
-                log.epoch(stats)  # after the checkpoint, as the reference: a rerun never logs an epoch twice
+                        state.save(os.path.join(args.output_dir, f"checkpoint{epoch:04d}.pth"), epoch + 1,
+                                   log_record=stats)
+                    state.save(checkpoint_path, epoch + 1, log_record=stats)
+                # after the checkpoint, as the reference: a rerun never logs an epoch twice (and one killed before
+                # this line logs it from the checkpoint's copy of the record)
+                log.epoch(stats)
                 collapse_warned = collapse_warned or warn_if_collapsed(stats, args, ctx.is_main)
                 if epoch + 1 < args.epochs and guard.agreed_stop():
                     barrier()
@@ -139,7 +144,8 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
 
 
 def _resume_or_initialise(args: argparse.Namespace, state: TrainState, checkpoint_path: str, num_samples: int,
-                          niter: int, ctx: DistributedContext, say: Callable[[str], None]) -> tuple[int, int, int]:
+                          niter: int, ctx: DistributedContext, log: TrainingLog,
+                          say: Callable[[str], None]) -> tuple[int, int, int]:
     """``(epoch, iteration, samples_done)`` to start from: those of ``checkpoint_path`` when it exists (the run
     resumes), else (0, 0, 0) with the weights of ``--init_from`` when given.
 
@@ -154,6 +160,9 @@ def _resume_or_initialise(args: argparse.Namespace, state: TrainState, checkpoin
             load_student_weights(state.student, args.init_from, args.init_from_key, verbose=ctx.is_main)
             state.teacher.load_state_dict(state.student.state_dict())
         return 0, 0, 0
+    if resumed.log_record is not None and log.recover(resumed.log_record):
+        say(f"log.txt had no line for epoch {resumed.log_record['epoch']} (the run was stopped between its "
+            f"checkpoint and its log line): written from the checkpoint")
     if state.fp16_scaler is not None and not resumed.scaler_restored:
         say(f"{checkpoint_path} was saved without fp16 training: starting a fresh GradScaler")
     global_batch = args.batch_size_per_gpu * ctx.world_size
