@@ -81,6 +81,13 @@ def test_sigterm_saves_the_current_iteration_and_the_rerun_resumes_there(tmp_pat
     assert final["epoch"] == 2 and "iteration" not in final
     epochs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
     assert epochs == [0, 1]
+    # the resumed epoch took the very steps of an uninterrupted run (crops, through 2 workers, and stochastic depth)
+    straight = run([*command[:command.index(out)], tmp_path / "straight", *command[command.index(out) + 1:]],
+                   timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    reference = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
+    for part in ("student", "teacher"):
+        assert all(torch.equal(value, final[part][name]) for name, value in reference[part].items()), part
 
 
 def test_non_finite_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path):
