@@ -7,13 +7,15 @@ import glob
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from dino_sparo.errors import run_cli
 from dino_sparo.models import MODEL_DEFAULTS, DINOHead, MultiCropWrapper, build_backbone
 from dino_sparo.utils.processes import free_port as free_port  # process control, re-exported for the tests
 from dino_sparo.utils.processes import kill_tree, run_with_timeout
@@ -154,3 +156,15 @@ def assert_every_checkpoint_loads(out) -> list[dict]:
         assert {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"} <= set(checkpoint), path
         loaded.append(checkpoint)
     return loaded
+
+
+def one_line_error(main: Callable[[list[str]], Any], argv: list[str], capsys: Any) -> str:
+    """Runs ``main`` as its script does; returns the single error line after checking status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if not line.startswith("warning:")]
+    assert len(errors) == 1 and errors[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return errors[0]

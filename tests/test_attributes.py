@@ -1,22 +1,25 @@
+
 """Attribute label sets (--attributes), the slot x attribute matrix (--per_slot) and selection for one attribute
 (--select_slots K --select_for ATTR), checked against independent computations on the dumped features."""
 import csv
 import json
 import os
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
-from helpers import balanced, make_image_folder, spread, write_main_dino_checkpoint
+from helpers import balanced, make_image_folder, one_line_error, spread, write_main_dino_checkpoint
 from PIL import Image
 
 import eval_knn
 from dino_sparo.data.images import images_under
-from dino_sparo.errors import run_cli
 from dino_sparo.eval.attributes import quantile_bins
 from dino_sparo.eval.knn import knn_classifier
 from dino_sparo.eval.slot_matrix import SlotAttributeMatrix
 from dino_sparo.models.readouts import restrict_to_slots
+
+run_error = partial(one_line_error, eval_knn.main)  # its one-line error, after checking status 2
 
 SMALL = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "16"]
 COLUMNS = ["hue", "brightness", "parity", "noise"]
@@ -66,15 +69,6 @@ def independent_labels(setup, split):
 
 def as_labels(values, classes):
     return torch.tensor([classes.index(value) for value in values])
-
-
-def run_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: eval_knn.main(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
 
 
 def test_quantile_bins_follow_the_training_values_only():
@@ -231,14 +225,14 @@ def test_attribute_flag_errors(setup, tmp_path, capsys):
                                              setup["table"], "--attribute_columns", "hue"], capsys)
     assert "needs --select_slots K" in run_error([*with_csv, "--attribute_columns", "hue", "--select_for", "hue"],
                                                  capsys)
-    assert "not one of --attribute_columns" in run_error(
+    assert "not one of --attribute_columns" in one_line_error(eval_knn.main,
         [*with_csv, "--attribute_columns", "hue", "--select_slots", "2", "--select_for", "parity"], capsys)
     assert "needs --per_slot" in run_error([*with_csv, "--attribute_columns", "hue", "--compare_weights",
                                             setup["cls"]], capsys)
     assert "at least 2" in run_error([*with_csv, "--attribute_columns", "hue", "--attribute_bins", "1"], capsys)
     assert "not found" in run_error([*base, "--data_path", setup["data"], "--attributes", str(tmp_path / "x.csv"),
                                      "--attribute_columns", "hue"], capsys)
-    assert "--select_slots needs an encoding made of slots" in run_error(
+    assert "--select_slots needs an encoding made of slots" in one_line_error(eval_knn.main,
         ["--pretrained_weights", setup["cls"], "--output_dir", str(tmp_path), *SMALL, "--data_path", setup["data"],
          "--attributes", setup["table"], "--attribute_columns", "hue", "--select_slots", "1", "--select_for", "hue"],
         capsys)

@@ -1,19 +1,22 @@
+
 """eval_knn.py end to end on small image folders and a checkpoint in main_dino.py's format."""
 import json
 import os
+from functools import partial
 
 import helpers
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, balanced, make_image_folder, spread, write_main_dino_checkpoint
+from helpers import ROOT, balanced, make_image_folder, one_line_error, spread, write_main_dino_checkpoint
 
 import eval_knn
 from dino_sparo.data.datasets import ImageDataset
 from dino_sparo.data.transforms import eval_transform
-from dino_sparo.errors import run_cli
 from dino_sparo.eval.knn import knn_classifier
 from dino_sparo.models import vit_tiny
+
+run_error = partial(one_line_error, eval_knn.main)  # its one-line error, after checking status 2
 
 SMALL = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "16"]
 
@@ -30,16 +33,6 @@ def data_and_checkpoint(tmp_path_factory):
 
 def run_ok(argv):
     return eval_knn.main(argv)
-
-
-def run_error(argv, capsys) -> str:
-    """Runs the script's main as the CLI does; returns its one-line error."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: eval_knn.main(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
 
 
 def check_against_dumped_features(results, directory, ks):

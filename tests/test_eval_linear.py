@@ -1,17 +1,21 @@
+
 """eval_linear.py: probe features, training above chance, resuming, evaluating, checkpoint formats."""
 import json
 import math
 import os
+from functools import partial
 
 import pytest
 import torch
-from helpers import balanced, make_image_folder, spread, write_main_dino_checkpoint
+from helpers import balanced, make_image_folder, one_line_error, spread, write_main_dino_checkpoint
 
 import eval_linear
 from dino_sparo.errors import run_cli
 from dino_sparo.eval import linear
 from dino_sparo.eval.linear import LinearClassifier, ProbeFeatures
 from dino_sparo.models import vit_tiny
+
+run_error = partial(one_line_error, eval_linear.main)  # its one-line error, after checking status 2
 
 SMALL = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "16",
          "--lr", "1.0", "--epochs", "2"]
@@ -111,15 +115,6 @@ def test_trains_above_chance_then_resumes_and_evaluates(data_and_checkpoint, tmp
     assert "Accuracy of the network on the 30 test images" in capsys.readouterr().out
 
 
-def run_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: eval_linear.main(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    return err
-
-
 def test_cls_checkpoint_in_dino_format_and_errors(data_and_checkpoint, tmp_path, capsys):
     data, checkpoint = data_and_checkpoint
     model = vit_tiny(patch_size=8, depth=3, readout="cls")
@@ -135,11 +130,11 @@ def test_cls_checkpoint_in_dino_format_and_errors(data_and_checkpoint, tmp_path,
                                 "--output_dir", str(tmp_path / "cls2")])
     assert results["features"] == "CLS tokens of the last 1 block(s) + mean of the last block's patch tokens (384 dims)"
 
-    assert "--evaluate needs --linear_weights" in run_error(
+    assert "--evaluate needs --linear_weights" in one_line_error(eval_linear.main,
         ["--pretrained_weights", checkpoint, "--data_path", data, "--evaluate"], capsys)
-    assert "--n_last_blocks must be between 0 and the 2 remaining blocks" in run_error(
+    assert "--n_last_blocks must be between 0 and the 2 remaining blocks" in one_line_error(eval_linear.main,
         ["--pretrained_weights", checkpoint, "--data_path", data, *SMALL, "--n_last_blocks", "3"], capsys)
-    assert "--slots 9 out of range" in run_error(
+    assert "--slots 9 out of range" in one_line_error(eval_linear.main,
         ["--pretrained_weights", checkpoint, "--data_path", data, *SMALL, "--slots", "1,9"], capsys)
     # Resuming with other features or another schedule would silently mix two runs.
     assert "was trained on" in run_error(["--pretrained_weights", str(official), "--data_path", data, *SMALL,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, TINY, balanced, make_image_folder, run, script, write_main_dino_checkpoint
+from helpers import ROOT, TINY, balanced, make_image_folder, one_line_error, run, script, write_main_dino_checkpoint
 
 import eval_knn
 import eval_linear
@@ -52,18 +52,6 @@ def files(tmp_path_factory):
     (bad / "text.jpg").write_text("hello")
     (bad / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     return paths
-
-
-def one_line_error(main, argv, capsys) -> str:
-    """Runs ``main`` as its script does; returns the single error line after checking status 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: main(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if not line.startswith("warning:")]
-    assert len(errors) == 1 and errors[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return errors[0]
 
 
 def train_main(argv):

@@ -1,22 +1,26 @@
+
 """SPARO slots: restriction, per-slot k-NN, and selection that uses the training set only."""
 import argparse
 import json
 import os
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import balanced, make_image_folder, spread, write_main_dino_checkpoint
+from helpers import balanced, make_image_folder, one_line_error, spread, write_main_dino_checkpoint
 
 import eval_knn
 from dino_sparo.cli import slot_list
 from dino_sparo.data.datasets import ImageDataset
 from dino_sparo.data.transforms import eval_transform
-from dino_sparo.errors import UserError, run_cli
+from dino_sparo.errors import UserError
 from dino_sparo.eval.knn import knn_classifier
 from dino_sparo.eval.slot_stats import measure_slots
 from dino_sparo.eval.slots import check_slots, holdout_mask, per_slot_knn, restrict_to_slots, select_slots
 from dino_sparo.models import build_pretrained_backbone, vit_tiny
+
+run_error = partial(one_line_error, eval_knn.main)  # its one-line error, after checking status 2
 
 SMALL = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "32"]
 
@@ -137,27 +141,18 @@ def test_selection_ignores_validation_labels(dumped, tmp_path):
     assert sorted(s["slot"] for s in per_slot["slots"]) == list(range(6))
 
 
-def run_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: eval_knn.main(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    return err
-
-
 def test_slot_flags_errors(dumped, tmp_path, capsys):
     _, checkpoint, features = dumped
-    assert "--slots 6 out of range: this model has 6 slots" in run_error(
+    assert "--slots 6 out of range: this model has 6 slots" in one_line_error(eval_knn.main,
         ["--pretrained_weights", checkpoint, "--load_features", features, "--slots", "3,6"], capsys)
-    assert "between 1 and the number of slots (6)" in run_error(
+    assert "between 1 and the number of slots (6)" in one_line_error(eval_knn.main,
         ["--pretrained_weights", checkpoint, "--load_features", features, "--select_slots", "7"], capsys)
-    assert "exclude each other" in run_error(
+    assert "exclude each other" in one_line_error(eval_knn.main,
         ["--pretrained_weights", checkpoint, "--load_features", features, "--slots", "1", "--select_slots", "2"],
         capsys)
     cls_checkpoint = tmp_path / "cls.pth"
     torch.save(vit_tiny(patch_size=8, depth=3, readout="cls").state_dict(), cls_checkpoint)
-    assert "--per_slot needs an encoding made of slots" in run_error(
+    assert "--per_slot needs an encoding made of slots" in one_line_error(eval_knn.main,
         ["--pretrained_weights", str(cls_checkpoint), "--load_features", features, "--per_slot"], capsys)
 
 
