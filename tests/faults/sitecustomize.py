@@ -155,7 +155,13 @@ def _install_write_failure(action: str, count: int) -> None:
         if action == "enospc":
             return original_replace(path, lambda handle: write(_FillingDisk(handle, 64 * 1024)), binary)
         if action == "rmdir":
-            shutil.rmtree(os.path.dirname(os.path.abspath(path)))
+            folder = os.path.dirname(os.path.abspath(path))
+            # TensorBoard's writer thread reopens its events file by name to append: it can put a file back while
+            # the tree is being removed ("Directory not empty"), so remove until the folder is gone
+            for _ in range(100):
+                shutil.rmtree(folder, ignore_errors=True)
+                if not os.path.exists(folder):
+                    break
             return original_replace(path, write, binary)
         raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
 
