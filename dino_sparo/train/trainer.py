@@ -104,8 +104,6 @@ def train_dino(args: argparse.Namespace) -> TrainResult:
                 first_iteration = start_iteration if epoch == start_epoch else 0
                 sampler.set_epoch(epoch)
                 sampler.samples_done = start_samples_done if epoch == start_epoch else 0
-                # Reseeded per epoch so that resuming reproduces the augmentations of an uninterrupted run.
-                seed_everything(args.seed + 10007 * epoch + ctx.rank)
                 outcome = train_one_epoch(step, loader, views, epoch, niter, schedules, ctx, log, say, args, guard,
                                           first_iteration)
                 if outcome.stopped_at is not None:
