@@ -17,7 +17,7 @@ from dino_sparo.distributed import destroy_distributed
 from dino_sparo.errors import run_cli
 from dino_sparo.models.config import add_model_args
 from dino_sparo.train import train_dino
-from dino_sparo.train.setup import AUGMENT_DEVICES, PRECISIONS
+from dino_sparo.train.setup import AUGMENT_DEVICES, PRECISIONS, with_model_config
 
 # The built-in demo: a small model and a recipe that learns visibly on the generated images within a few CPU
 # minutes (about 300 steps). DINO's ImageNet defaults collapse or barely move on a few thousand tiny images (the
@@ -91,7 +91,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="where colour jitter, grayscale, blur, solarisation and normalisation run: batched on "
                        "cpu or cuda (auto: the training device; workers then only decode, crop, resize and flip to "
                        "uint8), or pil: the reference's per-image PIL chain in the workers")
-    group.add_argument("--local_crop_size", type=positive_int, default=96, help="side of the local crops in px")
+    group.add_argument("--local_crop_size", type=positive_int, default=None,
+                       help="side of the local crops in px; None: DINO's 96 as the nearest multiple of the patch size "
+                       "(98 for patch 14, as DINOv2)")
 
     group = parser.add_argument_group("data, output and start")
     group.add_argument("--data_path", default=None,
@@ -147,13 +149,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parses flags; with ``--demo`` the demo preset replaces the defaults, explicit flags still win."""
+    """Parses flags; with ``--demo`` the demo preset replaces the defaults, explicit flags still win. What the arch
+    decides (``--patch_size``, ``--depth``, ... left out) is filled in."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.demo:
         parser.set_defaults(**DEMO_PRESET)
         args = parser.parse_args(argv)
-    return args
+    return with_model_config(args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,7 +1,8 @@
 """The one reader and writer of checkpoints and other outputs.
 
-Reading: every file goes through :func:`read_checkpoint` (``torch.load(weights_only=True)``, one-line errors);
-:func:`read_weights` selects a sub-dict (``teacher``, ``student``, ...) and strips wrapper prefixes once, then
+Reading: every file goes through :func:`read_checkpoint` (``torch.load(weights_only=True)``, or safetensors; one-line
+errors); :func:`read_weights` selects a sub-dict (``teacher``, ``student``, ...), strips wrapper prefixes once and
+renames official DINOv2 and timm layouts (:mod:`dino_sparo.weight_formats`), then
 :func:`load_pretrained_weights` loads a backbone leniently (start from a DINO model) or strictly (evaluate a frozen
 one), :func:`load_student_weights` adds the DINO head, and :func:`restart_from_checkpoint` (:func:`restore_state`)
 resumes training state.
@@ -23,6 +24,7 @@ from torch import nn
 
 from .errors import UserError
 from .utils.files import WriteSink, replace_atomically, write_failure_message
+from .weight_formats import is_safetensors, read_safetensors, to_project_layout
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 _BACKBONE_PREFIX = "backbone."  # the multi-crop wrapper's
@@ -30,13 +32,16 @@ _HEAD_PREFIX = "head."
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU, with one-line :class:`UserError`s for bad files.
+    """``torch.load(path, weights_only=True)`` on CPU (a ``.safetensors`` file: its tensors), with one-line
+    :class:`UserError`s for bad files.
 
     ``weights_only=True`` refuses pickled objects that could run code when unpickled.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
+    if is_safetensors(path):
+        return read_safetensors(path)[0]
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -85,23 +90,32 @@ def strip_prefixes(state_dict: Mapping[str, Any], keep_wrapper: bool = False) ->
 @dataclass
 class Weights:
     """One model's weights read from a checkpoint: the backbone and DINO-head tensors (prefixes stripped) and the
-    run's saved args (None for checkpoints without them, such as DINO's official ones)."""
+    run's saved args (None for checkpoints without them, such as DINO's official ones), and what was renamed."""
     path: str
     key: str | None
     backbone: dict[str, torch.Tensor]
     head: dict[str, torch.Tensor]
     saved_args: Mapping[str, Any] | None
+    conversions: list[str] = field(default_factory=list)
 
 
 def read_weights(path: str | os.PathLike, checkpoint_key: str | None = "teacher") -> Weights:
-    """Reads ``path`` once and splits the weights under ``checkpoint_key`` into backbone and head."""
+    """Reads ``path`` once and splits the weights under ``checkpoint_key`` into backbone and head (a
+    ``.safetensors`` file is one backbone, with the config an export stored in it)."""
     path = os.fspath(path)
-    checkpoint = read_checkpoint(path)
+    if is_safetensors(path):
+        checkpoint, saved_args = read_safetensors(path)
+        if not checkpoint:
+            raise UserError(f"{path} holds no tensors")
+    else:
+        checkpoint = read_checkpoint(path)
+        saved_args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
     state = strip_prefixes(select_state_dict(checkpoint, checkpoint_key, path), keep_wrapper=True)
     head = {key[len(_HEAD_PREFIX):]: value for key, value in state.items() if key.startswith(_HEAD_PREFIX)}
-    backbone = strip_prefixes({key: value for key, value in state.items() if not key.startswith(_HEAD_PREFIX)})
-    saved_args = checkpoint.get("args")
-    return Weights(path, checkpoint_key, backbone, head, saved_args if isinstance(saved_args, Mapping) else None)
+    backbone, conversions = to_project_layout(
+        strip_prefixes({key: value for key, value in state.items() if not key.startswith(_HEAD_PREFIX)}), path)
+    return Weights(path, checkpoint_key, backbone, head, saved_args if isinstance(saved_args, Mapping) else None,
+                   conversions)
 
 
 @dataclass
@@ -139,7 +153,7 @@ def _load_matching(module: nn.Module, state_dict: Mapping[str, Any], what: str) 
         if key in own and own[key].shape != value.shape:
             raise UserError(f"checkpoint does not match the {what} architecture: {key} has shape "
                             f"{tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in the model "
-                            f"(check --arch, --patch_size and the SPARO flags)")
+                            f"(check --arch, dinov2_* for DINOv2 weights, --patch_size and the read-out flags)")
     result = module.load_state_dict(dict(state_dict), strict=False)
     unused = set(result.unexpected_keys)
     return LoadReport(loaded=[k for k in state_dict if k not in unused], missing=list(result.missing_keys),
@@ -163,6 +177,8 @@ def load_pretrained_weights(model: nn.Module, source: Weights | str | os.PathLik
     report = _load_matching(model, weights.backbone, "backbone")
     if not report.loaded:
         raise UserError(f"no tensor of {weights.path} matches this model; is it a ViT checkpoint?")
+    _check_blocks_complete(report, architecture, where)
+    report.notes.extend(weights.conversions)
     if strict and report.missing:
         unused = summarise_keys(report.unused) or "none"
         raise UserError(f"{where} does not hold weights for this architecture ({architecture or 'as built'}): "
@@ -179,6 +195,26 @@ def load_pretrained_weights(model: nn.Module, source: Weights | str | os.PathLik
     if verbose:
         print(f"weights from {where}:\n{report}", flush=True)
     return report
+
+
+def _check_blocks_complete(report: LoadReport, architecture: str | None, where: str) -> None:
+    """A block loaded only in part, or registers left out, mean another architecture (DINOv2's LayerScale into a
+    DINO ViT, or the reverse): features would be silently wrong, so it is a :class:`UserError`."""
+    def block(key: str) -> str | None:
+        match = re.match(r"^(blocks\.\d+)\.", key)
+        return match.group(1) if match else None
+
+    loaded_blocks = {block(key) for key in report.loaded} - {None}
+    partial_missing = [key for key in report.missing if block(key) in loaded_blocks]
+    partial_unused = [key for key in report.unused if block(key) in loaded_blocks or key == "reg_token"]
+    if partial_missing or partial_unused:
+        def names(keys: list[str]) -> str:
+            return ", ".join(sorted({re.sub(r"^blocks\.\d+\.", "blocks.*.", key) for key in keys}))
+
+        found = "; ".join(part for part in (f"missing {names(partial_missing)}" if partial_missing else "",
+                                            f"unused {names(partial_unused)}" if partial_unused else "") if part)
+        raise UserError(f"{where} is another block architecture than the model ({architecture or 'as built'}): "
+                        f"{found}; DINOv2 weights (ls1.gamma, registers) need a dinov2_* --arch, DINO's a vit_* one")
 
 
 def load_student_weights(student: nn.Module, path: str | os.PathLike, checkpoint_key: str | None = "teacher",

@@ -42,10 +42,19 @@ MODEL_DEFAULTS: dict[str, Any] = {
 # The DINO head's shape; with the backbone's flags these are what a checkpoint's tensors depend on.
 HEAD_FLAGS = ("out_dim", "head_hidden_dim", "head_bottleneck_dim", "use_bn_in_head")
 # Tensors that timm and DINO checkpoints may hold beside the backbone's, which no read-out owns.
-_FOREIGN_KEY_ROOTS = ("fc_norm", "norm_pre", "mask_token", "head")
+_FOREIGN_KEY_ROOTS = ("fc_norm", "norm_pre", "mask_token", "head", "dino_head", "ibot_head")
 
 # facebookresearch/dino renames these to the ViTs they are.
 ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
+# Flags whose default the arch sets (DINOv2's: patch 14, depth 24 for ViT-L, 4 registers for the _reg ones).
+ARCH_SET_FLAGS = ("patch_size", "depth", "num_registers")
+
+
+def arch_defaults(arch: str | None) -> dict[str, Any]:
+    """:data:`MODEL_DEFAULTS` with the defaults ``arch`` gives its own flags (None: the default arch)."""
+    arch = ARCH_ALIASES.get(arch or MODEL_DEFAULTS["arch"], arch or MODEL_DEFAULTS["arch"])
+    spec = ARCHS.get(arch)
+    return {**MODEL_DEFAULTS, "arch": arch, **(spec.flag_defaults() if spec is not None else {})}
 
 
 def arch_name(value: str) -> str:
@@ -67,17 +76,23 @@ def add_model_args(parser: argparse.ArgumentParser, from_checkpoint: bool = Fals
         return f" (default: the checkpoint's, else {fallback})" if from_checkpoint else ""
 
     def default(name: str) -> Any:
-        return None if from_checkpoint else MODEL_DEFAULTS[name]
+        return None if from_checkpoint or name in ARCH_SET_FLAGS else MODEL_DEFAULTS[name]
+
+    def arch_shown(values: str) -> str:
+        # The training parser's formatter appends "(default: None)" itself.
+        return f" (default: the checkpoint's, else the arch's: {values})" if from_checkpoint else \
+            f"; None: the arch's ({values})"
 
     group = parser.add_argument_group("architecture")
     group.add_argument("--arch", type=arch_name, default=default("arch"), metavar="{" + ",".join(ARCHS) + "}",
-                       help="ViT size; DINO's deit_tiny/deit_small are accepted as aliases" + shown("vit_small"))
+                       help="DINO's ViT sizes (deit_tiny/deit_small accepted as aliases) or DINOv2's backbones "
+                       "(LayerScale, patch 14; _reg: 4 registers)" + shown("vit_small"))
     group.add_argument("--patch_size", type=positive_int, default=default("patch_size"),
-                       help="patch size in pixels, 16 or 8; with < 16 prefer --precision bf16 or fp32"
-                       + shown(MODEL_DEFAULTS["patch_size"]))
+                       help="patch size in pixels (16 or 8 for DINO's archs, 14 for DINOv2's); with < 16 prefer "
+                       "--precision bf16 or fp32" + arch_shown("16 for vit_*, 14 for dinov2_*"))
     group.add_argument("--depth", type=positive_int, default=default("depth"),
                        help="transformer blocks before any is replaced by the read-out"
-                       + shown(MODEL_DEFAULTS["depth"]))
+                       + arch_shown("12; DINOv2 ViT-L 24, ViT-g 40"))
     group.add_argument("--readout", choices=tuple(READOUTS), default=default("readout"),
                        help="; ".join(f"{name}: {readout.summary}" for name, readout in READOUTS.items())
                        + shown(MODEL_DEFAULTS["readout"]))
@@ -88,7 +103,7 @@ def add_model_args(parser: argparse.ArgumentParser, from_checkpoint: bool = Fals
                        + "); 0 puts it on top of every block; None: the read-out's own" + shown("the read-out's"))
     group.add_argument("--num_registers", type=non_negative_int, default=default("num_registers"),
                        help="learned register tokens after the CLS token (Darcet et al., 2024), dropped at the output"
-                       + shown(MODEL_DEFAULTS["num_registers"]))
+                       + arch_shown("0; 4 for dinov2_*_reg"))
     group.add_argument("--readout_sees_registers", type=bool_flag, default=default("readout_sees_registers"),
                        help="let the read-out attend to the registers too (by default it reads CLS and patches)"
                        + shown(MODEL_DEFAULTS["readout_sees_registers"]))
@@ -128,7 +143,8 @@ def resolve_model_config(flags: argparse.Namespace | Mapping[str, Any], saved: M
         config = {name: saved.get(name) if value is None else value for name, value in config.items()}
     elif weights is not None:
         config = _infer_from_weights(weights, config)
-    config = {name: MODEL_DEFAULTS[name] if value is None else value for name, value in config.items()}
+    defaults = arch_defaults(config["arch"])
+    config = {name: defaults[name] if value is None else value for name, value in config.items()}
     config["arch"] = ARCH_ALIASES.get(config["arch"], config["arch"])
     if config["readout"] in READOUTS:
         config["readout_replace_blocks"] = replaced_blocks(config["readout"], config["readout_replace_blocks"])
@@ -148,8 +164,7 @@ def _infer_from_weights(weights: Mapping[str, Any], config: dict[str, Any]) -> d
     inferred = dict(config)
     cls_token, patch_weight = weights.get("cls_token"), weights.get("patch_embed.proj.weight")
     if inferred["arch"] is None and cls_token is not None:
-        widths = {spec["embed_dim"]: name for name, spec in ARCHS.items()}
-        inferred["arch"] = widths.get(int(cls_token.shape[-1]))
+        inferred["arch"] = _recognise_arch(weights, int(cls_token.shape[-1]))
     if inferred["patch_size"] is None and patch_weight is not None and patch_weight.ndim == 4:
         inferred["patch_size"] = int(patch_weight.shape[-1])
     registers = weights.get("reg_token")
@@ -158,13 +173,23 @@ def _infer_from_weights(weights: Mapping[str, Any], config: dict[str, Any]) -> d
     if inferred["readout"] is None:
         inferred["readout"] = _recognise_readout(weights)
     arch = ARCHS[inferred["arch"] or MODEL_DEFAULTS["arch"]]
-    for flag, value in READOUTS[inferred["readout"]].infer_options(weights, **arch).items():
+    for flag, value in READOUTS[inferred["readout"]].infer_options(weights, arch.embed_dim, arch.num_heads).items():
         if inferred.get(flag) is None:
             inferred[flag] = value
     indices = [int(match.group(1)) for key in weights if (match := re.match(r"^blocks\.(\d+)\.", key))]
     if inferred["depth"] is None and indices:
         inferred["depth"] = max(indices) + 1 + replaced_blocks(inferred["readout"], inferred["readout_replace_blocks"])
     return inferred
+
+
+def _recognise_arch(weights: Mapping[str, Any], width: int) -> str | None:
+    """The arch of that width whose family (DINOv2's LayerScale or not) and register count the weights show."""
+    family = "dinov2" if any(key.endswith(".ls1.gamma") for key in weights) else "dino"
+    registers = weights.get("reg_token")
+    count = int(registers.shape[1]) if registers is not None and registers.ndim == 3 else 0
+    candidates = [name for name, spec in ARCHS.items() if spec.family == family and spec.embed_dim == width]
+    matching = [name for name in candidates if ARCHS[name].num_registers == count]
+    return (matching or candidates or [None])[0]
 
 
 def _recognise_readout(weights: Mapping[str, Any]) -> str:
@@ -183,13 +208,15 @@ def build_backbone(config: Mapping[str, Any] | None = None, drop_path_rate: floa
                    **overrides: Any) -> VisionTransformer:
     """The backbone a model config describes (missing entries take :data:`MODEL_DEFAULTS`, ``overrides`` win);
     an impossible combination is a :class:`UserError`."""
-    config = {**MODEL_DEFAULTS, **upgrade_saved_args(config or {}), **overrides}
-    arch = ARCH_ALIASES.get(config["arch"], config["arch"])
+    given = {name: value for name, value in {**upgrade_saved_args(config or {}), **overrides}.items()
+             if value is not None}
+    arch = ARCH_ALIASES.get(given.get("arch", MODEL_DEFAULTS["arch"]), given.get("arch", MODEL_DEFAULTS["arch"]))
     if arch not in ARCHS:
         raise UserError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+    config = {**arch_defaults(arch), **given}
     kwargs = {name: config[name] for name in MODEL_FLAGS[1:]}
     try:
-        return VisionTransformer(**ARCHS[arch], drop_path_rate=drop_path_rate, **kwargs)
+        return VisionTransformer(**ARCHS[arch].model_kwargs(), drop_path_rate=drop_path_rate, **kwargs)
     except ValueError as error:
         raise UserError(str(error)) from None
 

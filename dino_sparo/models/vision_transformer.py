@@ -1,4 +1,5 @@
-"""DINO's ViT-Tiny/Small/Base built from timm, ending in a read-out of :data:`~.readouts.READOUTS` (SPARO, CLS, ...)."""
+"""DINO's ViT-Tiny/Small/Base and DINOv2's ViT-S/B/L/g (with or without registers) built from timm, ending in a read-out
+of :data:`~.readouts.READOUTS` (SPARO, CLS, ...)."""
 from __future__ import annotations
 
 import math
@@ -8,17 +9,55 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
+from timm.layers import SwiGLUPacked, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
 
 from .readouts import READOUTS, Readout
 
 POS_EMBED_INTERPOLATIONS = ("dino", "timm")
-ARCHS = {
-    "vit_tiny": dict(embed_dim=192, num_heads=3),
-    "vit_small": dict(embed_dim=384, num_heads=6),
-    "vit_base": dict(embed_dim=768, num_heads=12),
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What an ``--arch`` name fixes (width, heads, LayerScale, MLP, the position-embedding grid) and the defaults it
+    gives the flags that may still differ (``patch_size``, ``depth``, ``num_registers``)."""
+    embed_dim: int
+    num_heads: int
+    patch_size: int = 16
+    depth: int = 12
+    num_registers: int = 0
+    layer_scale: float | None = None  # LayerScale's initial value (DINOv2: 1e-5); None: no LayerScale
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    img_size: int = 224  # the position embeddings' native image size (DINOv2's: 518 px, a 37x37 grid)
+
+    @property
+    def family(self) -> str:
+        return "dinov2" if self.layer_scale is not None else "dino"
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The :class:`VisionTransformer` arguments no flag overrides."""
+        return dict(embed_dim=self.embed_dim, num_heads=self.num_heads, layer_scale=self.layer_scale, mlp=self.mlp,
+                    img_size=self.img_size)
+
+    def flag_defaults(self) -> dict[str, int]:
+        return dict(patch_size=self.patch_size, depth=self.depth, num_registers=self.num_registers)
+
+
+def _dinov2(embed_dim: int, num_heads: int, depth: int, registers: int, mlp: str = "gelu") -> ArchSpec:
+    # DINOv2's hub backbones (Oquab et al., 2024): patch 14, LayerScale from 1e-5, 518 px position embeddings.
+    return ArchSpec(embed_dim, num_heads, patch_size=14, depth=depth, num_registers=registers, layer_scale=1e-5,
+                    mlp=mlp, img_size=518)
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "vit_tiny": ArchSpec(192, 3),
+    "vit_small": ArchSpec(384, 6),
+    "vit_base": ArchSpec(768, 12),
+    **{f"dinov2_vit{size}14{suffix}": _dinov2(width, heads, depth, registers, mlp)
+       for size, width, heads, depth, mlp in (("s", 384, 6, 12, "gelu"), ("b", 768, 12, 12, "gelu"),
+                                              ("l", 1024, 16, 24, "gelu"), ("g", 1536, 24, 40, "swiglu"))
+       for suffix, registers in (("", 0), ("_reg", 4))},
 }
 # Every read-out's options with their defaults: a model config carries them all, the chosen read-out reads its own.
 READOUT_OPTION_DEFAULTS: dict[str, Any] = {option.flag: option.default for readout in READOUTS.values()
@@ -45,6 +84,9 @@ class VisionTransformer(TimmVisionTransformer):
     token, without position embeddings (DINOv2's layout), so that weights without registers still load. They absorb
     the high-norm artefact tokens large ViTs grow, and are dropped before the read-out unless
     ``readout_sees_registers``.
+
+    ``layer_scale`` (LayerScale's initial value) and ``mlp="swiglu"`` give DINOv2's blocks (``ls1.gamma``, ...,
+    its giant's SwiGLU), whose official weights load after :mod:`dino_sparo.weight_formats` renames them.
     """
 
     def __init__(
@@ -55,6 +97,8 @@ class VisionTransformer(TimmVisionTransformer):
         depth: int = 12,
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
+        layer_scale: float | None = None,
+        mlp: Literal["gelu", "swiglu"] = "gelu",
         drop_path_rate: float = 0.0,
         readout: str = "sparo",
         readout_replace_blocks: int | None = None,
@@ -71,16 +115,22 @@ class VisionTransformer(TimmVisionTransformer):
         if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
             raise ValueError(f"pos_embed_interpolation must be one of {POS_EMBED_INTERPOLATIONS}, "
                              f"got {pos_embed_interpolation!r}")
+        if mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {mlp!r}")
         if num_registers < 0:
             raise ValueError(f"num_registers must be >= 0, got {num_registers}")
         replaced = replaced_blocks(readout, readout_replace_blocks)
         if not 0 <= replaced < depth:
             raise ValueError(f"readout_replace_blocks must be in [0, depth-1] = [0, {depth - 1}], got {replaced}")
+        # DINOv2's giant packs SwiGLU's two input projections in one (its ``w12``), 2/3 of 4x wide each.
+        mlp_args = dict(mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU) if mlp == "swiglu" else \
+            dict(mlp_ratio=mlp_ratio)
         # Built at full depth so the stochastic-depth rates of the kept blocks equal DINO's.
         super().__init__(
             img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-            mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0, global_pool="token", dynamic_img_size=True,
-            drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            qkv_bias=True, num_classes=0, global_pool="token", dynamic_img_size=True,
+            drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6), init_values=layer_scale,
+            **mlp_args,
         )
         # timm starts the CLS token at std 1e-6; DINO (and so its checkpoints' training) at trunc_normal std 0.02.
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -264,14 +314,14 @@ def _attention_weights(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def vit_tiny(patch_size: int = 16, **kwargs) -> VisionTransformer:
     """ViT-Tiny: 192 wide, 3 heads, depth 12 (DINO's configuration)."""
-    return VisionTransformer(**ARCHS["vit_tiny"], patch_size=patch_size, **kwargs)
+    return VisionTransformer(**ARCHS["vit_tiny"].model_kwargs(), patch_size=patch_size, **kwargs)
 
 
 def vit_small(patch_size: int = 16, **kwargs) -> VisionTransformer:
     """ViT-Small: 384 wide, 6 heads, depth 12 (DINO's configuration)."""
-    return VisionTransformer(**ARCHS["vit_small"], patch_size=patch_size, **kwargs)
+    return VisionTransformer(**ARCHS["vit_small"].model_kwargs(), patch_size=patch_size, **kwargs)
 
 
 def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
     """ViT-Base: 768 wide, 12 heads, depth 12 (DINO's configuration)."""
-    return VisionTransformer(**ARCHS["vit_base"], patch_size=patch_size, **kwargs)
+    return VisionTransformer(**ARCHS["vit_base"].model_kwargs(), patch_size=patch_size, **kwargs)

@@ -33,8 +33,22 @@ AUGMENT_DEVICES = ("auto", "pil", "cpu", "cuda")
 Say = Callable[[str], None]
 
 
+DINO_LOCAL_CROP_SIZE = 96
+
+
+def with_model_config(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``args`` with the model config resolved (what the arch leaves to defaults filled in) and the local
+    crop size defaulted to DINO's 96 px rounded to the nearest multiple of the patch size."""
+    resolved = argparse.Namespace(**{**vars(args), **resolve_model_config(args)})
+    if resolved.local_crop_size is None:
+        patch = resolved.patch_size
+        resolved.local_crop_size = max(patch, round(DINO_LOCAL_CROP_SIZE / patch) * patch)
+    return resolved
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Flag values that cannot work become one-line :class:`UserError`s before anything starts."""
+    args = with_model_config(args)
     def check(condition: bool, message: str) -> None:
         if not condition:
             raise UserError(message)
@@ -108,7 +122,7 @@ def resolve_args(args: argparse.Namespace, is_main: bool, say: Say) -> argparse.
     """A copy of ``args`` with what defaults leave open filled in: the model config (so the checkpoint's saved args
     name the architecture exactly) and, for the demo, the data folders (generated on first use). The folders are
     checked before any work."""
-    resolved = argparse.Namespace(**{**vars(args), **resolve_model_config(args)})
+    resolved = with_model_config(args)
     if resolved.demo and not resolved.data_path:
         root = ensure_demo_dataset(resolved.demo_data_dir, num_train=resolved.demo_num_images,
                                    num_val=max(1, resolved.demo_num_images // 4), verbose=is_main)

@@ -1,0 +1,100 @@
+"""Weights in the layouts users hold, renamed to this project's (timm's) names: official DINOv2 checkpoints, timm
+state dicts and ``.safetensors`` files (this project's exports among them).
+
+- Official DINOv2 (``facebookresearch/dinov2``): ``register_tokens`` become ``reg_token``; the chunked blocks of
+  its training checkpoints (``blocks.<chunk>.<index>.*``) are flattened; its giant's SwiGLU ``mlp.w12``/``mlp.w3``
+  become ``mlp.fc1``/``mlp.fc2``; ``mask_token`` is reported as unused. ``ls1.gamma``/``ls2.gamma`` are timm's
+  names already.
+- timm's DINOv2 models with registers keep no position embedding for the CLS token (``no_embed_class``; timm folds
+  it into ``cls_token``): a zero one is put back, which gives the same tokens.
+- DINOv3's RoPE backbones have no absolute position embedding for this project's ViT to hold: their weights are
+  refused with a one-line error.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+SAFETENSORS_SUFFIX = ".safetensors"
+# The key of the safetensors metadata entry that holds an exported model's config (JSON).
+CONFIG_METADATA_KEY = "dino_sparo_config"
+_DINOV3_KEYS = ("storage_tokens", "rope_embed.periods")
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    return os.fspath(path).endswith(SAFETENSORS_SUFFIX)
+
+
+def config_path(path: str | os.PathLike) -> str:
+    """The JSON config written beside an exported ``.safetensors`` file."""
+    return os.fspath(path)[: -len(SAFETENSORS_SUFFIX)] + ".json"
+
+
+def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The tensors of a ``.safetensors`` file and the model config it carries (its metadata, else the JSON file
+    beside it; None for files from elsewhere, whose architecture is then inferred from the tensors)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        tensors = load(data)
+        header_size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, OSError) as error:
+        raise UserError(f"{path} is not a readable safetensors file ({str(error).strip() or 'empty'})") from None
+    config = metadata.get(CONFIG_METADATA_KEY)
+    if config is None and os.path.isfile(config_path(path)):
+        with open(config_path(path)) as handle:
+            config = handle.read()
+    try:
+        return tensors, json.loads(config) if config is not None else None
+    except json.JSONDecodeError:
+        raise UserError(f"the model config of {path} is not valid JSON") from None
+
+
+def to_project_layout(state_dict: Mapping[str, torch.Tensor], path: str = "checkpoint"
+                      ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state_dict`` (prefixes already stripped) in this project's names, and one note per conversion made."""
+    dinov3 = [key for key in _DINOV3_KEYS if key in state_dict]
+    if dinov3:
+        raise UserError(f"{path} holds DINOv3 weights ({', '.join(dinov3)}): their RoPE backbone has no absolute "
+                        f"position embedding, which this project's ViT needs; DINOv2 and DINO weights are supported")
+    converted: dict[str, torch.Tensor] = {}
+    notes = []
+    chunked = mlp_renamed = False
+    for key, value in state_dict.items():
+        if (match := re.match(r"^blocks\.\d+\.(\d+)\.(.*)$", key)) is not None:
+            # DINOv2 pads chunk c with Identity modules, so the index inside a chunk is the block's own.
+            key, chunked = f"blocks.{match.group(1)}.{match.group(2)}", True
+        if (match := re.match(r"^(blocks\.\d+\.mlp\.)(w12|w3)\.(weight|bias)$", key)) is not None:
+            key, mlp_renamed = f"{match.group(1)}{'fc1' if match.group(2) == 'w12' else 'fc2'}.{match.group(3)}", True
+        if key == "register_tokens":
+            key = "reg_token"
+            notes.append("DINOv2 register_tokens loaded as reg_token")
+        if key in converted:
+            raise UserError(f"{path} holds two tensors for {key} (a chunked and a flat copy?)")
+        converted[key] = value
+    if chunked:
+        notes.append("DINOv2's chunked blocks (blocks.<chunk>.<index>) flattened")
+    if mlp_renamed:
+        notes.append("DINOv2 SwiGLU mlp.w12/mlp.w3 loaded as mlp.fc1/mlp.fc2")
+    pos_embed, cls_token = converted.get("pos_embed"), converted.get("cls_token")
+    if pos_embed is not None and cls_token is not None and pos_embed.ndim == 3 and _is_square(pos_embed.shape[1]):
+        converted["pos_embed"] = torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[-1]), pos_embed], dim=1)
+        notes.append("timm's pos_embed without a CLS position (no_embed_class) given a zero one")
+    return converted, notes
+
+
+def _is_square(count: int) -> bool:
+    # A grid of patches alone; with a CLS position it is 1 + n^2, never a square for n > 0.
+    return count > 0 and math.isqrt(count) ** 2 == count
