@@ -23,12 +23,10 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .utils.files import WriteSink, replace_atomically, write_failure_message
-from .weight_formats import is_safetensors, read_safetensors, to_project_layout
+from .utils.files import WriteSink, write_atomic_or_explain
+from .weight_formats import is_safetensors, read_safetensors, select_state_dict, strip_prefixes, to_project_layout
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-_BACKBONE_PREFIX = "backbone."  # the multi-crop wrapper's
-_HEAD_PREFIX = "head."
+_HEAD_PREFIX = "head."  # the multi-crop wrapper's DINO head
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
@@ -55,36 +53,6 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
     except Exception:  # noqa: BLE001 - arbitrary bytes can fail the unpickler in any way (IndexError, KeyError...)
         raise UserError(f"{path} is not a readable PyTorch checkpoint (corrupt or another format)") from None
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def select_state_dict(checkpoint: Any, checkpoint_key: str | None, path: str = "checkpoint") -> dict[str, Any]:
-    """The state dict under ``checkpoint_key`` (``teacher``, ``student``, ...), or the checkpoint itself when it
-    is a bare state dict, as the official DINO backbone weights are."""
-    if not isinstance(checkpoint, Mapping):
-        raise UserError(f"{path} does not hold a dictionary of weights (found {type(checkpoint).__name__})")
-    if checkpoint_key and checkpoint_key in checkpoint and isinstance(checkpoint[checkpoint_key], Mapping):
-        return dict(checkpoint[checkpoint_key])
-    if _is_state_dict(checkpoint):
-        return dict(checkpoint)
-    candidates = sorted(k for k, v in checkpoint.items() if isinstance(v, Mapping) and _is_state_dict(v))
-    raise UserError(f"{path} has no key {checkpoint_key!r}; keys holding weights: "
-                    f"{', '.join(candidates) if candidates else 'none'}")
-
-
-def strip_prefixes(state_dict: Mapping[str, Any], keep_wrapper: bool = False) -> dict[str, Any]:
-    """Removes DDP's ``module.`` and torch.compile's ``_orig_mod.`` from every key, and also the multi-crop
-    wrapper's ``backbone.`` unless ``keep_wrapper`` (for loading a whole wrapper: ``backbone.*`` + ``head.*``)."""
-    prefixes = _WRAPPER_PREFIXES if keep_wrapper else (*_WRAPPER_PREFIXES, _BACKBONE_PREFIX)
-    cleaned = {}
-    for key, value in state_dict.items():
-        while (prefix := next((p for p in prefixes if key.startswith(p)), None)) is not None:
-            key = key[len(prefix):]
-        cleaned[key] = value
-    return cleaned
 
 
 @dataclass
@@ -362,12 +330,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
                 raise sink.error from None
             raise
 
-    try:
-        replace_atomically(path, write, binary=True)
-    except OSError as error:
-        reason = write_failure_message(path, error, needed_bytes=lambda: _serialized_size(obj))
-        raise UserError(f"{reason}; nothing was written, any previous {os.path.basename(os.fspath(path))} is "
-                        f"unchanged: free space or fix the folder, then run the same command again") from None
+    write_atomic_or_explain(path, write, needed_bytes=lambda: _serialized_size(obj))
 
 
 def _serialized_size(obj: Any) -> int:

@@ -1,5 +1,6 @@
 """Weights in the layouts users hold, renamed to this project's (timm's) names: official DINOv2 checkpoints, timm
-state dicts and ``.safetensors`` files (this project's exports among them).
+state dicts and ``.safetensors`` files (this project's exports among them); which sub-dict of a checkpoint holds
+the model, and the wrapper prefixes (DDP, torch.compile, the multi-crop wrapper) around its keys.
 
 - Official DINOv2 (``facebookresearch/dinov2``): ``register_tokens`` become ``reg_token``; the chunked blocks of
   its training checkpoints (``blocks.<chunk>.<index>.*``) are flattened; its giant's SwiGLU ``mlp.w12``/``mlp.w3``
@@ -22,11 +23,14 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .utils.files import write_atomic_or_explain
 
 SAFETENSORS_SUFFIX = ".safetensors"
 # The key of the safetensors metadata entry that holds an exported model's config (JSON).
 CONFIG_METADATA_KEY = "dino_sparo_config"
 _DINOV3_KEYS = ("storage_tokens", "rope_embed.periods")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+_BACKBONE_PREFIX = "backbone."  # the multi-crop wrapper's
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
@@ -60,6 +64,45 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         return tensors, json.loads(config) if config is not None else None
     except json.JSONDecodeError:
         raise UserError(f"the model config of {path} is not valid JSON") from None
+
+
+def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                            path: str | os.PathLike) -> None:
+    """``tensors`` (and string ``metadata``) as a ``.safetensors`` file, written as :func:`save_atomic` writes."""
+    from safetensors.torch import save
+
+    data = save({key: value.detach().contiguous() for key, value in tensors.items()}, metadata=dict(metadata))
+    write_atomic_or_explain(path, lambda handle: handle.write(data), needed_bytes=lambda: len(data))
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def select_state_dict(checkpoint: Any, checkpoint_key: str | None, path: str = "checkpoint") -> dict[str, Any]:
+    """The state dict under ``checkpoint_key`` (``teacher``, ``student``, ...), or the checkpoint itself when it
+    is a bare state dict, as the official DINO backbone weights are."""
+    if not isinstance(checkpoint, Mapping):
+        raise UserError(f"{path} does not hold a dictionary of weights (found {type(checkpoint).__name__})")
+    if checkpoint_key and checkpoint_key in checkpoint and isinstance(checkpoint[checkpoint_key], Mapping):
+        return dict(checkpoint[checkpoint_key])
+    if _is_state_dict(checkpoint):
+        return dict(checkpoint)
+    candidates = sorted(k for k, v in checkpoint.items() if isinstance(v, Mapping) and _is_state_dict(v))
+    raise UserError(f"{path} has no key {checkpoint_key!r}; keys holding weights: "
+                    f"{', '.join(candidates) if candidates else 'none'}")
+
+
+def strip_prefixes(state_dict: Mapping[str, Any], keep_wrapper: bool = False) -> dict[str, Any]:
+    """Removes DDP's ``module.`` and torch.compile's ``_orig_mod.`` from every key, and also the multi-crop
+    wrapper's ``backbone.`` unless ``keep_wrapper`` (for loading a whole wrapper: ``backbone.*`` + ``head.*``)."""
+    prefixes = _WRAPPER_PREFIXES if keep_wrapper else (*_WRAPPER_PREFIXES, _BACKBONE_PREFIX)
+    cleaned = {}
+    for key, value in state_dict.items():
+        while (prefix := next((p for p in prefixes if key.startswith(p)), None)) is not None:
+            key = key[len(prefix):]
+        cleaned[key] = value
+    return cleaned
 
 
 def to_project_layout(state_dict: Mapping[str, torch.Tensor], path: str = "checkpoint"

@@ -11,6 +11,8 @@ import shutil
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
+from ..errors import UserError
+
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
@@ -33,6 +35,17 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[IO], Any], bina
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def write_atomic_or_explain(path: str | os.PathLike, write: Callable[[IO[bytes]], Any],
+                            needed_bytes: Callable[[], int]) -> None:
+    """:func:`replace_atomically` in binary; a failed write is a one-line :class:`UserError` that says what to do."""
+    try:
+        replace_atomically(path, write, binary=True)
+    except OSError as error:
+        reason = write_failure_message(path, error, needed_bytes=needed_bytes)
+        raise UserError(f"{reason}; nothing was written, any previous {os.path.basename(os.fspath(path))} is "
+                        f"unchanged: free space or fix the folder, then run the same command again") from None
 
 
 class WriteSink:

@@ -137,23 +137,23 @@ class _FillingDisk:
 
 
 def _install_write_failure(action: str, count: int) -> None:
-    """The ``count``-th write of save_atomic (through ``replace_atomically``) meets a full disk, a deleted folder
-    or a read-only file system; the code under test handles the error itself."""
+    """The ``count``-th write of save_atomic (through ``write_atomic_or_explain``) meets a full disk, a deleted
+    folder or a read-only file system; the code under test handles the error itself."""
     import errno
     import shutil
 
     import dino_sparo.checkpoint as checkpoint
 
-    original_replace = checkpoint.replace_atomically
+    original_write = checkpoint.write_atomic_or_explain
     calls = [0]
 
-    def failing_replace(path, write, binary):
+    def failing_write(path, write, needed_bytes):
         calls[0] += 1
         if calls[0] != count or not _armed():
-            return original_replace(path, write, binary)
+            return original_write(path, write, needed_bytes)
         _mark_fired()
         if action == "enospc":
-            return original_replace(path, lambda handle: write(_FillingDisk(handle, 64 * 1024)), binary)
+            return original_write(path, lambda handle: write(_FillingDisk(handle, 64 * 1024)), needed_bytes)
         if action == "rmdir":
             folder = os.path.dirname(os.path.abspath(path))
             # TensorBoard's writer thread reopens its events file by name to append: it can put a file back while
@@ -162,10 +162,14 @@ def _install_write_failure(action: str, count: int) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
                 if not os.path.exists(folder):
                     break
-            return original_replace(path, write, binary)
-        raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+            return original_write(path, write, needed_bytes)
 
-    checkpoint.replace_atomically = failing_replace
+        def read_only(handle):
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+
+        return original_write(path, read_only, needed_bytes)
+
+    checkpoint.write_atomic_or_explain = failing_write
 
 
 if os.environ.get("DINO_SPARO_FAULT"):

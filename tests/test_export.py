@@ -1,0 +1,78 @@
+"""``python -m dino_sparo.export`` and the torch.hub entry points: an export reads back to the same features through
+``--pretrained_weights`` and torch.hub, and nothing is read or downloaded unless asked."""
+import json
+import os
+
+import pytest
+import torch
+from helpers import ROOT, TINY_MODEL, one_line_error, write_main_dino_checkpoint
+from safetensors.torch import load_file, save_file
+
+from dino_sparo import export
+from dino_sparo.models import build_pretrained_backbone
+
+IMAGES = torch.randn(2, 3, 32, 32)
+
+
+def features(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(IMAGES)
+
+
+@pytest.fixture
+def exported(tmp_path):
+    checkpoint = tmp_path / "checkpoint.pth"
+    write_main_dino_checkpoint(str(checkpoint), sparo_slots=5)
+    export.main([str(checkpoint), str(tmp_path / "exports" / "teacher")])
+    return checkpoint, tmp_path / "exports" / "teacher.safetensors"
+
+
+def test_an_export_holds_the_teacher_backbone_and_its_config(exported):
+    checkpoint, weights = exported
+    teacher, config = build_pretrained_backbone(str(checkpoint), "teacher", {}, log=None)
+    assert load_file(str(weights)).keys() == teacher.state_dict().keys()
+    saved = json.loads((weights.parent / "teacher.json").read_text())
+    assert saved["arch"] == TINY_MODEL["arch"] and saved["sparo_slots"] == 5 and saved["depth"] == config["depth"]
+    exported_model, exported_config = build_pretrained_backbone(str(weights), "teacher", {}, log=None)
+    assert exported_config == config
+    torch.testing.assert_close(features(exported_model), features(teacher), atol=0, rtol=0)
+
+
+def test_the_json_beside_a_safetensors_file_gives_its_config(exported, tmp_path):
+    _, weights = exported
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(weights)), str(bare))  # no metadata
+    (tmp_path / "bare.json").write_text((weights.parent / "teacher.json").read_text())
+    _, config = build_pretrained_backbone(str(bare), "teacher", {}, log=None)
+    assert config["sparo_slots"] == 5
+
+
+def test_torch_hub_builds_our_models_and_reads_exports_and_checkpoints(exported):
+    checkpoint, weights = exported
+    hubconf = torch.hub._import_module("hubconf", os.path.join(ROOT, "hubconf.py"))  # as torch.hub.load reads it
+    entry_points = {name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")}
+    assert {"dino_sparo_vits16", "dino_sparo_vitb16", "dino_sparo_vits14_dinov2",
+            "dino_sparo_vitg14_reg_dinov2"} <= entry_points
+    fresh = torch.hub.load(ROOT, "dino_sparo_vits16", source="local", depth=2)
+    assert fresh.readout == "sparo" and len(fresh.blocks) == 1 and not fresh.training
+    dinov2 = torch.hub.load(ROOT, "dino_sparo_vits14_reg_dinov2", source="local", depth=2, readout="cls")
+    assert dinov2.num_registers == 4 and dinov2.patch_embed.patch_size == (14, 14)
+    reference, _ = build_pretrained_backbone(str(checkpoint), "teacher", {}, log=None)
+    tiny = {"depth": TINY_MODEL["depth"], "sparo_slot_dim": TINY_MODEL["sparo_slot_dim"]}
+    for source in (weights, checkpoint):
+        model = torch.hub.load(ROOT, "dino_sparo_vits16", source="local", pretrained=str(source), arch="vit_tiny",
+                               patch_size=TINY_MODEL["patch_size"], **tiny)
+        assert all(param.requires_grad for param in model.parameters())
+        # with gradients on, attention may take another kernel: equal to rounding
+        torch.testing.assert_close(features(model), features(reference), atol=1e-6, rtol=1e-5)
+
+
+def test_pretrained_true_is_refused_since_no_weights_are_published():
+    with pytest.raises(ValueError, match="needs a path or URL"):
+        torch.hub.load(ROOT, "dino_sparo_vits16", source="local", pretrained=True)
+
+
+def test_exporting_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    error = one_line_error(export.main, [str(tmp_path / "nothing.pth"), str(tmp_path / "out")], capsys)
+    assert "checkpoint not found" in error
+    assert not os.path.exists(tmp_path / "out.safetensors")
