@@ -182,7 +182,8 @@ def _check_blocks_complete(report: LoadReport, architecture: str | None, where: 
         found = "; ".join(part for part in (f"missing {names(partial_missing)}" if partial_missing else "",
                                             f"unused {names(partial_unused)}" if partial_unused else "") if part)
         raise UserError(f"{where} is another block architecture than the model ({architecture or 'as built'}): "
-                        f"{found}; DINOv2 weights (ls1.gamma, registers) need a dinov2_* --arch, DINO's a vit_* one")
+                        f"{found}; DINOv2 weights (ls1.gamma) need a dinov2_* --arch (registers: a _reg one), DINO's a "
+                        f"vit_* one")
 
 
 def load_student_weights(student: nn.Module, path: str | os.PathLike, checkpoint_key: str | None = "teacher",

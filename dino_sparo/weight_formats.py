@@ -112,6 +112,10 @@ def to_project_layout(state_dict: Mapping[str, torch.Tensor], path: str = "check
     if dinov3:
         raise UserError(f"{path} holds DINOv3 weights ({', '.join(dinov3)}): their RoPE backbone has no absolute "
                         f"position embedding, which this project's ViT needs; DINOv2 and DINO weights are supported")
+    if any(key.startswith("embeddings.") for key in state_dict) and any(
+            key.startswith("encoder.layer.") for key in state_dict):
+        raise UserError(f"{path} is in Hugging Face transformers' layout (embeddings.*, encoder.layer.*), which is not "
+                        f"read: use the official .pth file or timm's safetensors (e.g. timm/vit_small_patch14_dinov2)")
     converted: dict[str, torch.Tensor] = {}
     notes = []
     chunked = mlp_renamed = False

@@ -155,6 +155,17 @@ def test_dinov3_weights_are_refused_with_the_reason(tmp_path, capsys):
     assert "DINOv3 weights" in error and "RoPE" in error
 
 
+def test_registers_the_model_lacks_and_the_transformers_layout_are_one_line_errors(tmp_path):
+    torch.save(official_layout(timm_model("vit_small_patch14_reg4_dinov2", 2).state_dict()), tmp_path / "reg.pth")
+    with pytest.raises(UserError, match=r"unused reg_token; .*registers: a _reg one"):
+        load_pretrained_weights(build_backbone({"arch": "dinov2_vits14", "depth": 2, "readout": "cls"}),
+                                tmp_path / "reg.pth", checkpoint_key=None)
+    torch.save({"embeddings.cls_token": torch.zeros(1, 1, 8), "encoder.layer.0.norm1.weight": torch.ones(8)},
+               tmp_path / "hf.pth")
+    with pytest.raises(UserError, match="Hugging Face transformers' layout"):
+        read_weights(tmp_path / "hf.pth")
+
+
 def test_a_corrupt_safetensors_file_is_a_one_line_error(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(UserError, match="not a readable safetensors file") as error:
