@@ -17,8 +17,8 @@ def get_params_groups(model: nn.Module, config: argparse.Namespace | Mapping[str
     multiplier other than 1 puts them in groups of their own (``lr_mult``), and it may exempt some from decay.
     Without ``config``, or with the read-outs' defaults, these are exactly the reference's two groups.
     """
+    from .models.backbone import READOUT_OPTION_DEFAULTS
     from .models.readouts import Readout
-    from .models.vision_transformer import READOUT_OPTION_DEFAULTS
 
     rules: dict[str, Any] = {}  # parameter name -> (the read-out that owns it, its name there)
     if config is not None:

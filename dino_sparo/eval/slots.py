@@ -14,12 +14,12 @@ import torch
 
 from .. import distributed
 from ..errors import UserError
+from ..models.backbone import ReadoutBackbone
 from ..models.readouts import restrict_to_slots
-from ..models.vision_transformer import VisionTransformer
 from .knn import sharded_knn
 
 
-def slot_layout(model: VisionTransformer, flag: str) -> tuple[int, int]:
+def slot_layout(model: ReadoutBackbone, flag: str) -> tuple[int, int]:
     """(L, V) of a model whose encoding is made of slots (SPARO); any other read-out is a :class:`UserError`
     naming ``flag``."""
     layout = model.readout_module.slot_layout

@@ -17,15 +17,9 @@ from typing import Any
 from ..checkpoint import load_pretrained_weights, read_weights, summarise_keys
 from ..cli import bool_flag, non_negative_int, positive_int
 from ..errors import UserError
+from .backbone import READOUT_OPTION_DEFAULTS, replaced_blocks
 from .readouts import ARCHITECTURE, INITIALISATION, OPTIMISATION, READOUTS
-from .vision_transformer import (
-    ARCHS,
-    BACKBONE_KEY_ROOTS,
-    POS_EMBED_INTERPOLATIONS,
-    READOUT_OPTION_DEFAULTS,
-    VisionTransformer,
-    replaced_blocks,
-)
+from .vision_transformer import ARCHS, BACKBONE_KEY_ROOTS, POS_EMBED_INTERPOLATIONS, VisionTransformer
 
 # Backbone flags, in the order they are printed; all but ``arch`` are VisionTransformer arguments.
 BACKBONE_FLAGS = ("arch", "patch_size", "depth", "readout", "readout_replace_blocks", "num_registers",

@@ -13,7 +13,7 @@ from timm.layers import SwiGLUPacked, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
 
-from .readouts import READOUTS, Readout
+from .backbone import ReadoutBackbone, check_backbone_args
 
 POS_EMBED_INTERPOLATIONS = ("dino", "timm")
 
@@ -59,19 +59,11 @@ ARCHS: dict[str, ArchSpec] = {
                                               ("l", 1024, 16, 24, "gelu"), ("g", 1536, 24, 40, "swiglu"))
        for suffix, registers in (("", 0), ("_reg", 4))},
 }
-# Every read-out's options with their defaults: a model config carries them all, the chosen read-out reads its own.
-READOUT_OPTION_DEFAULTS: dict[str, Any] = {option.flag: option.default for readout in READOUTS.values()
-                                           for option in readout.options}
 # First components of the backbone's own state-dict keys (the read-out's are its ``state_prefix``).
 BACKBONE_KEY_ROOTS = ("cls_token", "reg_token", "pos_embed", "patch_embed", "blocks", "norm")
 
 
-def replaced_blocks(readout: str, readout_replace_blocks: int | None) -> int:
-    """Final blocks the read-out replaces: as given, else the read-out's own default (SPARO: 1, CLS: 0)."""
-    return READOUTS[readout].replaced_blocks if readout_replace_blocks is None else readout_replace_blocks
-
-
-class VisionTransformer(TimmVisionTransformer):
+class VisionTransformer(ReadoutBackbone, TimmVisionTransformer):
     """timm's ViT configured as DINO's, returning ``feature_dim`` features from the chosen read-out.
 
     Parameter names are timm's, which are also DINO's (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
@@ -107,21 +99,12 @@ class VisionTransformer(TimmVisionTransformer):
         pos_embed_interpolation: Literal["dino", "timm"] = "dino",
         **readout_options: Any,
     ) -> None:
-        if readout not in READOUTS:
-            raise ValueError(f"readout must be one of {tuple(READOUTS)}, got {readout!r}")
-        unknown = sorted(set(readout_options) - set(READOUT_OPTION_DEFAULTS))
-        if unknown:
-            raise TypeError(f"unknown read-out option(s): {', '.join(unknown)}")
+        replaced = check_backbone_args(readout, readout_options, num_registers, depth, readout_replace_blocks)
         if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
             raise ValueError(f"pos_embed_interpolation must be one of {POS_EMBED_INTERPOLATIONS}, "
                              f"got {pos_embed_interpolation!r}")
         if mlp not in ("gelu", "swiglu"):
             raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {mlp!r}")
-        if num_registers < 0:
-            raise ValueError(f"num_registers must be >= 0, got {num_registers}")
-        replaced = replaced_blocks(readout, readout_replace_blocks)
-        if not 0 <= replaced < depth:
-            raise ValueError(f"readout_replace_blocks must be in [0, depth-1] = [0, {depth - 1}], got {replaced}")
         # DINOv2's giant packs SwiGLU's two input projections in one (its ``w12``), 2/3 of 4x wide each.
         mlp_args = dict(mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU) if mlp == "swiglu" else \
             dict(mlp_ratio=mlp_ratio)
@@ -140,35 +123,8 @@ class VisionTransformer(TimmVisionTransformer):
             self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
             nn.init.trunc_normal_(self.reg_token, std=0.02)
             self.num_prefix_tokens = 1 + num_registers
-        self.readout_sees_registers = readout_sees_registers
-        self.readout = readout
         self.pos_embed_interpolation = pos_embed_interpolation
-        if replaced:
-            self.blocks = self.blocks[: depth - replaced]
-        readout_class = READOUTS[readout]
-        self._readout_attribute = readout_class.state_prefix
-        readout_prefix_tokens = self.num_prefix_tokens if readout_sees_registers else 1
-        self.add_module(readout_class.state_prefix, readout_class.from_config(
-            {**READOUT_OPTION_DEFAULTS, **readout_options}, embed_dim, num_heads, readout_prefix_tokens))
-        self.feature_dim = self.readout_module.output_dim
-
-    def compile_blocks(self) -> None:
-        """``torch.compile`` of each transformer block (regional compilation): the blocks share one code object,
-        so one graph per input shape (crop resolution, with or without gradients) serves every block, which keeps
-        compile time bounded; parameter names, hence checkpoints, do not change."""
-        for block in self.blocks:
-            block.compile(dynamic=False)
-
-    @property
-    def readout_module(self) -> Readout:
-        """The read-out (also reachable by its state prefix, e.g. ``model.sparo``)."""
-        return self._modules[self._readout_attribute]
-
-    def readout_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The tokens the read-out reads: CLS and patches, with the registers too only if it sees them."""
-        if not self.num_registers or self.readout_sees_registers:
-            return tokens
-        return torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens:]], dim=1)
+        self.attach_readout(readout, readout_options, replaced, embed_dim, num_heads, readout_sees_registers)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Adds (resampled) position embeddings to NHWC patch tokens, prepends the CLS token and inserts the
@@ -193,97 +149,11 @@ class VisionTransformer(TimmVisionTransformer):
         block."""
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Final-normed token outputs (B, N, D) of the remaining blocks (registers included)."""
-        return self.norm(self.blocks(self.prepare_tokens(x)))
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        return [self.cls_token, self.pos_embed, *([self.reg_token] if self.num_registers else [])]
 
-    def frozen_tokens(self, x: torch.Tensor, frozen_blocks: int) -> torch.Tensor:
-        """Tokens after the embeddings and the first ``frozen_blocks`` blocks: the input of :meth:`forward_from`."""
-        x = self.prepare_tokens(x)
-        for block in self.blocks[:frozen_blocks]:
-            x = block(x)
-        return x
-
-    def forward_from(self, tokens: torch.Tensor, frozen_blocks: int) -> torch.Tensor:
-        """The read-out of ``tokens`` from :meth:`frozen_tokens` (``frozen_blocks`` blocks already applied) run
-        through the remaining blocks: ``forward(x) == forward_from(frozen_tokens(x, k), k)`` for every k."""
-        for block in self.blocks[frozen_blocks:]:
-            tokens = block(tokens)
-        return self.readout_module(self.readout_tokens(self.norm(tokens)))
-
-    def freeze_blocks(self, frozen_blocks: int) -> None:
-        """Freezes the patch and position embeddings, the CLS token and the first ``frozen_blocks`` blocks (no
-        gradients), and turns off stochastic depth inside those blocks, whose outputs are then computed once and
-        shared (see :class:`~dino_sparo.models.multicrop.MultiCropWrapper`)."""
-        if not 0 <= frozen_blocks <= len(self.blocks):
-            raise ValueError(f"cannot freeze {frozen_blocks} blocks: the model keeps {len(self.blocks)} before its "
-                             f"read-out")
-        for module in (self.patch_embed, *self.blocks[:frozen_blocks]):
-            module.requires_grad_(False)
-        self.cls_token.requires_grad_(False)
-        self.pos_embed.requires_grad_(False)
-        if self.num_registers:  # part of every frozen block's input, so frozen with them
-            self.reg_token.requires_grad_(False)
-        for block in self.blocks[:frozen_blocks]:
-            block.drop_path1, block.drop_path2 = nn.Identity(), nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.readout_module(self.readout_tokens(self.tokens(x)))
-
-    def get_slot_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """The read-out's attention maps over the tokens (B, M, N), one row per slot (SPARO); rows sum to 1."""
-        if not self.readout_module.has_attention_maps:
-            raise ValueError(f"get_slot_attention needs a read-out with attention maps; this model's read-out is "
-                             f"{self.readout!r}")
-        return self.readout_module.attention_maps(self.readout_tokens(self.tokens(x)))
-
-    def inspect(self, x: torch.Tensor) -> TokenInspection:
-        """One pass that shows where attention goes and which tokens stand out (the slot statistics use it)."""
-        tokens = self.prepare_tokens(x)
-        for block in self.blocks[:-1]:
-            tokens = block(tokens)
-        last = self.blocks[-1]
-        cls_attention = _attention_weights(last.attn, last.norm1(tokens))[:, :, 0].mean(dim=1)
-        tokens = last(tokens)
-        norms = tokens.float().norm(dim=-1)
-        readout = self.readout_module
-        maps = readout.attention_maps(self.readout_tokens(self.norm(tokens))) if readout.has_attention_maps else None
-        return TokenInspection(maps, self.readout_tokens(norms.unsqueeze(-1))[..., 0], readout.num_prefix_tokens,
-                               cls_attention, norms, self.num_prefix_tokens)
-
-    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
-        """Self-attention (B, heads, N, N) of the last remaining transformer block."""
-        x = self.prepare_tokens(x)
-        for block in self.blocks[:-1]:
-            x = block(x)
-        return _attention_weights(self.blocks[-1].attn, self.blocks[-1].norm1(x))
-
-    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
-        """Final-normed token outputs (B, N, D) of the last ``n`` remaining blocks, oldest first."""
-        if not 1 <= n <= len(self.blocks):
-            raise ValueError(f"n must be in [1, {len(self.blocks)}], got {n}")
-        x = self.prepare_tokens(x)
-        outputs = []
-        for index, block in enumerate(self.blocks):
-            x = block(x)
-            if index >= len(self.blocks) - n:
-                outputs.append(self.norm(x))
-        return outputs
-
-
-@dataclass
-class TokenInspection:
-    """What :meth:`VisionTransformer.inspect` finds for a batch: the read-out's attention maps (B, M, N_r) over the
-    N_r tokens it reads, whose first ``readout_prefix_tokens`` are not patches (None without maps), and those
-    tokens' output norms (B, N_r); the CLS token's attention in the last remaining block, averaged over heads
-    (B, N), over all N tokens (``prefix_tokens`` of them CLS and registers), and their output norms (B, N), taken
-    before the final norm, where artefact tokens stand out (Darcet et al., 2024)."""
-    readout_maps: torch.Tensor | None
-    readout_norms: torch.Tensor
-    readout_prefix_tokens: int
-    cls_attention: torch.Tensor
-    token_norms: torch.Tensor
-    prefix_tokens: int
+    def attention_weights(self, block: nn.Module, normed: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
+        return _attention_weights(block.attn, normed)
 
 
 def _resample_pos_embed_dino(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -23,8 +23,8 @@ from ..data.device_augment import DeviceAugmentation, StepViews
 from ..distributed import DistributedContext, is_dist_initialized, resolve_device
 from ..errors import UserError
 from ..models import DINOHead, MultiCropWrapper
+from ..models.backbone import replaced_blocks
 from ..models.config import build_backbone, resolve_model_config
-from ..models.vision_transformer import replaced_blocks
 from ..utils.files import remove_stale_temporaries
 from .preemption import ignore_preemption_signals
 

@@ -1,0 +1,202 @@
+"""What every backbone does around its transformer blocks, whatever timm model holds them: the read-out at the end
+(:data:`~.readouts.READOUTS`), retrofit freezing and the frozen prefix, features of the last blocks, and attention
+inspection.
+
+A backbone class (:class:`~.vision_transformer.VisionTransformer` for DINO's and DINOv2's absolute position
+embeddings, :class:`~.dinov3.DINOv3VisionTransformer` for DINOv3's RoPE) mixes :class:`ReadoutBackbone` in before
+its timm model and supplies three things: :meth:`~ReadoutBackbone.prepare_tokens` (image to tokens),
+:meth:`~ReadoutBackbone.block_kwargs` (what each block call needs besides the tokens: DINOv3's RoPE tables) and
+:meth:`~ReadoutBackbone.attention_weights` (a block's softmax attention).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .readouts import READOUTS, Readout
+
+# Every read-out's options with their defaults: a model config carries them all, the chosen read-out reads its own.
+READOUT_OPTION_DEFAULTS: dict[str, Any] = {option.flag: option.default for readout in READOUTS.values()
+                                           for option in readout.options}
+
+
+def replaced_blocks(readout: str, readout_replace_blocks: int | None) -> int:
+    """Final blocks the read-out replaces: as given, else the read-out's own default (SPARO: 1, CLS: 0)."""
+    return READOUTS[readout].replaced_blocks if readout_replace_blocks is None else readout_replace_blocks
+
+
+def check_backbone_args(readout: str, readout_options: dict[str, Any], num_registers: int, depth: int,
+                        readout_replace_blocks: int | None) -> int:
+    """Raises ValueError/TypeError for arguments no backbone accepts; returns the number of replaced blocks."""
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {tuple(READOUTS)}, got {readout!r}")
+    unknown = sorted(set(readout_options) - set(READOUT_OPTION_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown read-out option(s): {', '.join(unknown)}")
+    if num_registers < 0:
+        raise ValueError(f"num_registers must be >= 0, got {num_registers}")
+    replaced = replaced_blocks(readout, readout_replace_blocks)
+    if not 0 <= replaced < depth:
+        raise ValueError(f"readout_replace_blocks must be in [0, depth-1] = [0, {depth - 1}], got {replaced}")
+    return replaced
+
+
+class ReadoutBackbone:
+    """Mixin of the read-out and the block-level methods; see the module docstring for what a subclass supplies.
+    Its ``__init__`` builds the timm model at full depth (so the stochastic-depth rates of the kept blocks are the
+    original's), then calls :meth:`attach_readout`."""
+
+    blocks: nn.Sequential
+    norm: nn.Module
+    num_prefix_tokens: int
+    num_registers: int
+
+    def attach_readout(self, readout: str, readout_options: dict[str, Any], replaced: int, embed_dim: int,
+                       num_heads: int, readout_sees_registers: bool) -> None:
+        """Drops the last ``replaced`` blocks and adds the read-out as the attribute its ``state_prefix`` names."""
+        self.readout_sees_registers = readout_sees_registers
+        self.readout = readout
+        if replaced:
+            self.blocks = self.blocks[: len(self.blocks) - replaced]
+        readout_class = READOUTS[readout]
+        self._readout_attribute = readout_class.state_prefix
+        readout_prefix_tokens = self.num_prefix_tokens if readout_sees_registers else 1
+        self.add_module(readout_class.state_prefix, readout_class.from_config(
+            {**READOUT_OPTION_DEFAULTS, **readout_options}, embed_dim, num_heads, readout_prefix_tokens))
+        self.feature_dim = self.readout_module.output_dim
+
+    # ------------------------------------------------------------------------------------ what subclasses supply
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, 3, H, W) -> tokens (B, 1 + registers + H*W/p^2, D) before any block."""
+        raise NotImplementedError
+
+    def block_kwargs(self, tokens: torch.Tensor) -> dict[str, Any]:
+        """Keyword arguments of every block call on ``tokens`` besides the tokens (none for absolute positions)."""
+        return {}
+
+    def attention_weights(self, block: nn.Module, normed: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
+        """Softmax attention (B, heads, N, N) of ``block`` on its already normed input."""
+        raise NotImplementedError
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """The parameters before the first block (CLS token, registers, position embeddings) that freezing covers
+        besides the patch embedding."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------- read-out
+    @property
+    def readout_module(self) -> Readout:
+        """The read-out (also reachable by its state prefix, e.g. ``model.sparo``)."""
+        return self._modules[self._readout_attribute]
+
+    def readout_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens the read-out reads: CLS and patches, with the registers too only if it sees them."""
+        if not self.num_registers or self.readout_sees_registers:
+            return tokens
+        return torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens:]], dim=1)
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` of each transformer block (regional compilation): the blocks share one code object,
+        so one graph per input shape (crop resolution, with or without gradients) serves every block, which keeps
+        compile time bounded; parameter names, hence checkpoints, do not change."""
+        for block in self.blocks:
+            block.compile(dynamic=False)
+
+    def run_blocks(self, tokens: torch.Tensor, blocks: Sequence[nn.Module]) -> torch.Tensor:
+        kwargs = self.block_kwargs(tokens)
+        for block in blocks:
+            tokens = block(tokens, **kwargs)
+        return tokens
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-normed token outputs (B, N, D) of the remaining blocks (registers included)."""
+        return self.norm(self.run_blocks(self.prepare_tokens(x), self.blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout_module(self.readout_tokens(self.tokens(x)))
+
+    # ------------------------------------------------------------------------------------------------- retrofit
+    def frozen_tokens(self, x: torch.Tensor, frozen_blocks: int) -> torch.Tensor:
+        """Tokens after the embeddings and the first ``frozen_blocks`` blocks: the input of :meth:`forward_from`."""
+        return self.run_blocks(self.prepare_tokens(x), self.blocks[:frozen_blocks])
+
+    def forward_from(self, tokens: torch.Tensor, frozen_blocks: int) -> torch.Tensor:
+        """The read-out of ``tokens`` from :meth:`frozen_tokens` (``frozen_blocks`` blocks already applied) run
+        through the remaining blocks: ``forward(x) == forward_from(frozen_tokens(x, k), k)`` for every k."""
+        tokens = self.run_blocks(tokens, self.blocks[frozen_blocks:])
+        return self.readout_module(self.readout_tokens(self.norm(tokens)))
+
+    def freeze_blocks(self, frozen_blocks: int) -> None:
+        """Freezes the patch embedding, :meth:`embedding_parameters` and the first ``frozen_blocks`` blocks (no
+        gradients), and turns off stochastic depth inside those blocks, whose outputs are then computed once and
+        shared (see :class:`~dino_sparo.models.multicrop.MultiCropWrapper`)."""
+        if not 0 <= frozen_blocks <= len(self.blocks):
+            raise ValueError(f"cannot freeze {frozen_blocks} blocks: the model keeps {len(self.blocks)} before its "
+                             f"read-out")
+        for module in (self.patch_embed, *self.blocks[:frozen_blocks]):
+            module.requires_grad_(False)
+        for param in self.embedding_parameters():  # part of every frozen block's input, so frozen with them
+            param.requires_grad_(False)
+        for block in self.blocks[:frozen_blocks]:
+            block.drop_path1, block.drop_path2 = nn.Identity(), nn.Identity()
+
+    # ------------------------------------------------------------------------------------------------ inspection
+    def get_slot_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The read-out's attention maps over the tokens (B, M, N), one row per slot (SPARO); rows sum to 1."""
+        if not self.readout_module.has_attention_maps:
+            raise ValueError(f"get_slot_attention needs a read-out with attention maps; this model's read-out is "
+                             f"{self.readout!r}")
+        return self.readout_module.attention_maps(self.readout_tokens(self.tokens(x)))
+
+    def inspect(self, x: torch.Tensor) -> TokenInspection:
+        """One pass that shows where attention goes and which tokens stand out (the slot statistics use it)."""
+        tokens = self.prepare_tokens(x)
+        kwargs = self.block_kwargs(tokens)
+        tokens = self.run_blocks(tokens, self.blocks[:-1])
+        last = self.blocks[-1]
+        cls_attention = self.attention_weights(last, last.norm1(tokens), **kwargs)[:, :, 0].mean(dim=1)
+        tokens = last(tokens, **kwargs)
+        norms = tokens.float().norm(dim=-1)
+        readout = self.readout_module
+        maps = readout.attention_maps(self.readout_tokens(self.norm(tokens))) if readout.has_attention_maps else None
+        return TokenInspection(maps, self.readout_tokens(norms.unsqueeze(-1))[..., 0], readout.num_prefix_tokens,
+                               cls_attention, norms, self.num_prefix_tokens)
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention (B, heads, N, N) of the last remaining transformer block."""
+        tokens = self.prepare_tokens(x)
+        kwargs = self.block_kwargs(tokens)
+        tokens = self.run_blocks(tokens, self.blocks[:-1])
+        return self.attention_weights(self.blocks[-1], self.blocks[-1].norm1(tokens), **kwargs)
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """Final-normed token outputs (B, N, D) of the last ``n`` remaining blocks, oldest first."""
+        if not 1 <= n <= len(self.blocks):
+            raise ValueError(f"n must be in [1, {len(self.blocks)}], got {n}")
+        tokens = self.prepare_tokens(x)
+        kwargs = self.block_kwargs(tokens)
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            tokens = block(tokens, **kwargs)
+            if index >= len(self.blocks) - n:
+                outputs.append(self.norm(tokens))
+        return outputs
+
+
+@dataclass
+class TokenInspection:
+    """What :meth:`ReadoutBackbone.inspect` finds for a batch: the read-out's attention maps (B, M, N_r) over the
+    N_r tokens it reads, whose first ``readout_prefix_tokens`` are not patches (None without maps), and those
+    tokens' output norms (B, N_r); the CLS token's attention in the last remaining block, averaged over heads
+    (B, N), over all N tokens (``prefix_tokens`` of them CLS and registers), and their output norms (B, N), taken
+    before the final norm, where artefact tokens stand out (Darcet et al., 2024)."""
+    readout_maps: torch.Tensor | None
+    readout_norms: torch.Tensor
+    readout_prefix_tokens: int
+    cls_attention: torch.Tensor
+    token_norms: torch.Tensor
+    prefix_tokens: int
