@@ -5,8 +5,8 @@
                            pretrained="runs/demo/checkpoint.pth")     # or an export's .safetensors, or a URL
 
 ``pretrained`` is False (random weights, nothing read) or the path or URL of one of this project's checkpoints or
-exports (``python -m dino_sparo.export``), or of official DINO / DINOv2 weights, as ``--pretrained_weights`` reads
-them. Only a URL touches the network; it is downloaded once into torch.hub's cache. Keyword arguments are model
+exports (``python -m dino_sparo.export``), or of official DINO / DINOv2 / DINOv3 weights, as ``--pretrained_weights``
+reads them. Only a URL touches the network; it is downloaded once into torch.hub's cache. Keyword arguments are model
 flags (``readout="cls"``, ``sparo_slots=32``, ``depth=6``, ...) and override what a checkpoint saved. The model
 comes back in eval mode with its gradients on.
 """
@@ -65,3 +65,6 @@ dino_sparo_vits14_reg_dinov2 = _entry("dinov2_vits14_reg", 14, "DINOv2 ViT-S/14 
 dino_sparo_vitb14_reg_dinov2 = _entry("dinov2_vitb14_reg", 14, "DINOv2 ViT-B/14 with 4 registers")
 dino_sparo_vitl14_reg_dinov2 = _entry("dinov2_vitl14_reg", 14, "DINOv2 ViT-L/14 with 4 registers")
 dino_sparo_vitg14_reg_dinov2 = _entry("dinov2_vitg14_reg", 14, "DINOv2 ViT-g/14 with 4 registers")
+dino_sparo_vits16_dinov3 = _entry("dinov3_vits16", 16, "DINOv3 ViT-S/16 (RoPE, 4 storage tokens)")
+dino_sparo_vitb16_dinov3 = _entry("dinov3_vitb16", 16, "DINOv3 ViT-B/16 (RoPE, 4 storage tokens)")
+dino_sparo_vitl16_dinov3 = _entry("dinov3_vitl16", 16, "DINOv3 ViT-L/16 (RoPE, 4 storage tokens)")

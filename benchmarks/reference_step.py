@@ -15,6 +15,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from timm.models.eva import EvaAttention
 from timm.models.vision_transformer import Attention
 from torch import nn
 
@@ -26,7 +27,7 @@ def make_reference_style(model: nn.Module) -> None:
     """Switches every timm attention of ``model`` to explicit softmax attention and every read-out to its
     straightforward formulation (:meth:`Readout.reference_forward`: same parameters, same maths)."""
     for module in model.modules():
-        if isinstance(module, Attention):
+        if isinstance(module, (Attention, EvaAttention)):  # DINOv3's blocks are timm's Eva ones
             module.fused_attn = False
         if isinstance(module, Readout):
             module.forward = module.reference_forward

@@ -167,7 +167,8 @@ def load_pretrained_weights(model: nn.Module, source: Weights | str | os.PathLik
 
 def _check_blocks_complete(report: LoadReport, architecture: str | None, where: str) -> None:
     """A block loaded only in part, or registers left out, mean another architecture (DINOv2's LayerScale into a
-    DINO ViT, or the reverse): features would be silently wrong, so it is a :class:`UserError`."""
+    DINO ViT, DINOv3's blocks into DINOv2's, or the reverse): features would be silently wrong, so it is a
+    :class:`UserError`."""
     def block(key: str) -> str | None:
         match = re.match(r"^(blocks\.\d+)\.", key)
         return match.group(1) if match else None
@@ -182,8 +183,8 @@ def _check_blocks_complete(report: LoadReport, architecture: str | None, where: 
         found = "; ".join(part for part in (f"missing {names(partial_missing)}" if partial_missing else "",
                                             f"unused {names(partial_unused)}" if partial_unused else "") if part)
         raise UserError(f"{where} is another block architecture than the model ({architecture or 'as built'}): "
-                        f"{found}; DINOv2 weights (ls1.gamma) need a dinov2_* --arch (registers: a _reg one), DINO's a "
-                        f"vit_* one")
+                        f"{found}; DINOv2 weights (ls1.gamma) need a dinov2_* --arch (registers: a _reg one), DINOv3's "
+                        f"(gamma_1) a dinov3_* one, DINO's a vit_* one")
 
 
 def load_student_weights(student: nn.Module, path: str | os.PathLike, checkpoint_key: str | None = "teacher",

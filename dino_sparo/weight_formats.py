@@ -8,8 +8,10 @@ the model, and the wrapper prefixes (DDP, torch.compile, the multi-crop wrapper)
   names already.
 - timm's DINOv2 models with registers keep no position embedding for the CLS token (``no_embed_class``; timm folds
   it into ``cls_token``): a zero one is put back, which gives the same tokens.
-- DINOv3's RoPE backbones have no absolute position embedding for this project's ViT to hold: their weights are
-  refused with a one-line error.
+- Official DINOv3 (``facebookresearch/dinov3``, recognised by ``storage_tokens`` or ``rope_embed.periods``):
+  ``storage_tokens`` become ``reg_token``, ``ls1.gamma``/``ls2.gamma`` timm's ``gamma_1``/``gamma_2``, the masked
+  ``attn.qkv.bias`` the query and value biases (the key bias must be zero, as DINOv3's mask keeps it); the RoPE
+  periods are recomputed, not loaded. timm's DINOv3 models without biases get zero ones, which is the same model.
 """
 from __future__ import annotations
 
@@ -108,16 +110,15 @@ def strip_prefixes(state_dict: Mapping[str, Any], keep_wrapper: bool = False) ->
 def to_project_layout(state_dict: Mapping[str, torch.Tensor], path: str = "checkpoint"
                       ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``state_dict`` (prefixes already stripped) in this project's names, and one note per conversion made."""
-    dinov3 = [key for key in _DINOV3_KEYS if key in state_dict]
-    if dinov3:
-        raise UserError(f"{path} holds DINOv3 weights ({', '.join(dinov3)}): their RoPE backbone has no absolute "
-                        f"position embedding, which this project's ViT needs; DINOv2 and DINO weights are supported")
+    if any(key in state_dict for key in _DINOV3_KEYS):
+        state_dict, notes = _from_official_dinov3(state_dict, path)
+    else:
+        notes = []
     if any(key.startswith("embeddings.") for key in state_dict) and any(
             key.startswith("encoder.layer.") for key in state_dict):
         raise UserError(f"{path} is in Hugging Face transformers' layout (embeddings.*, encoder.layer.*), which is not "
                         f"read: use the official .pth file or timm's safetensors (e.g. timm/vit_small_patch14_dinov2)")
     converted: dict[str, torch.Tensor] = {}
-    notes = []
     chunked = mlp_renamed = False
     for key, value in state_dict.items():
         if (match := re.match(r"^blocks\.\d+\.(\d+)\.(.*)$", key)) is not None:
@@ -135,11 +136,40 @@ def to_project_layout(state_dict: Mapping[str, torch.Tensor], path: str = "check
         notes.append("DINOv2's chunked blocks (blocks.<chunk>.<index>) flattened")
     if mlp_renamed:
         notes.append("DINOv2 SwiGLU mlp.w12/mlp.w3 loaded as mlp.fc1/mlp.fc2")
+    unbiased = [key for key in converted if key.endswith(".attn.qkv.weight")
+                and key.replace(".attn.qkv.weight", ".gamma_1") in converted
+                and key.replace("qkv.weight", "q_bias") not in converted]
+    for key in unbiased:  # timm's DINOv3 without query/value biases: zero ones compute the same
+        width = converted[key].shape[0] // 3
+        for name in ("q_bias", "v_bias"):
+            converted[key.replace("qkv.weight", name)] = converted[key].new_zeros(width)
+    if unbiased:
+        notes.append("timm's DINOv3 without qkv biases given zero query/value biases")
     pos_embed, cls_token = converted.get("pos_embed"), converted.get("cls_token")
     if pos_embed is not None and cls_token is not None and pos_embed.ndim == 3 and _is_square(pos_embed.shape[1]):
         converted["pos_embed"] = torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[-1]), pos_embed], dim=1)
         notes.append("timm's pos_embed without a CLS position (no_embed_class) given a zero one")
     return converted, notes
+
+
+def _from_official_dinov3(state_dict: Mapping[str, torch.Tensor], path: str
+                          ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.endswith((".periods", ".bias_mask")) or key.startswith("local_cls_norm."):
+            continue  # RoPE periods are recomputed; the mask is applied below; local_cls_norm trains ViT-7B only
+        if (match := re.match(r"^(blocks\.\d+\.attn\.)qkv\.bias$", key)) is not None:
+            mask = state_dict.get(f"{match.group(1)}qkv.bias_mask")
+            bias = value if mask is None else torch.nan_to_num(value * mask)
+            q_bias, k_bias, v_bias = bias.chunk(3)
+            if k_bias.abs().max() > 0:
+                raise UserError(f"{path}: {key} has a non-zero key bias, which DINOv3's models (and these) keep at 0")
+            converted[f"{match.group(1)}q_bias"], converted[f"{match.group(1)}v_bias"] = q_bias, v_bias
+            continue
+        key = re.sub(r"\.ls([12])\.gamma$", r".gamma_\1", key)
+        converted["reg_token" if key == "storage_tokens" else key] = value
+    return converted, ["DINOv3 storage_tokens, ls1/ls2.gamma and qkv.bias loaded as reg_token, gamma_1/gamma_2 and "
+                       "q_bias/v_bias (RoPE periods recomputed)"]
 
 
 def _is_square(count: int) -> bool:

@@ -52,11 +52,13 @@ def test_torch_hub_builds_our_models_and_reads_exports_and_checkpoints(exported)
     hubconf = torch.hub._import_module("hubconf", os.path.join(ROOT, "hubconf.py"))  # as torch.hub.load reads it
     entry_points = {name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")}
     assert {"dino_sparo_vits16", "dino_sparo_vitb16", "dino_sparo_vits14_dinov2",
-            "dino_sparo_vitg14_reg_dinov2"} <= entry_points
+            "dino_sparo_vitg14_reg_dinov2", "dino_sparo_vitl16_dinov3"} <= entry_points
     fresh = torch.hub.load(ROOT, "dino_sparo_vits16", source="local", depth=2)
     assert fresh.readout == "sparo" and len(fresh.blocks) == 1 and not fresh.training
     dinov2 = torch.hub.load(ROOT, "dino_sparo_vits14_reg_dinov2", source="local", depth=2, readout="cls")
     assert dinov2.num_registers == 4 and dinov2.patch_embed.patch_size == (14, 14)
+    dinov3 = torch.hub.load(ROOT, "dino_sparo_vits16_dinov3", source="local", depth=2)
+    assert dinov3.num_registers == 4 and dinov3(torch.randn(1, 3, 32, 32)).shape == (1, dinov3.feature_dim)
     reference, _ = build_pretrained_backbone(str(checkpoint), "teacher", {}, log=None)
     tiny = {"depth": TINY_MODEL["depth"], "sparo_slot_dim": TINY_MODEL["sparo_slot_dim"]}
     for source in (weights, checkpoint):

@@ -1,15 +1,14 @@
-"""Starting from DINOv2 weights: timm's DINOv2 models and the official checkpoint layout load into our backbones and
-give timm's own features; the architecture is inferred from the weights; SPARO retrofits onto frozen DINOv2 blocks;
+"""Starting from DINOv2 and DINOv3 weights: timm's models and the official checkpoint layouts load into our backbones
+and give timm's own features; the architecture is inferred from the weights; SPARO retrofits onto frozen blocks;
 safetensors files and bad inputs."""
 import re
 
 import pytest
 import timm
 import torch
-from helpers import make_images, one_line_error, tiny_args
+from helpers import make_images, tiny_args
 from safetensors.torch import save_file
 
-import eval_knn
 from dino_sparo.checkpoint import load_pretrained_weights, read_weights, save_atomic
 from dino_sparo.errors import UserError
 from dino_sparo.models import build_backbone, build_pretrained_backbone
@@ -146,13 +145,70 @@ def test_dinov2_weights_into_a_dino_vit_are_a_one_line_error(tmp_path):
                                 tmp_path / "dino.pth")
 
 
-def test_dinov3_weights_are_refused_with_the_reason(tmp_path, capsys):
-    state = {"cls_token": torch.zeros(1, 1, 384), "storage_tokens": torch.zeros(1, 4, 384),
-             "rope_embed.periods": torch.ones(16), "patch_embed.proj.weight": torch.zeros(384, 3, 16, 16)}
-    torch.save(state, tmp_path / "dinov3.pth")
-    error = one_line_error(eval_knn.main, ["--pretrained_weights", str(tmp_path / "dinov3.pth"), "--data_path",
-                                           str(tmp_path)], capsys)
-    assert "DINOv3 weights" in error and "RoPE" in error
+DINOV3 = [("dinov3_vits16", "vit_small_patch16_dinov3_qkvb"), ("dinov3_vits16", "vit_small_patch16_dinov3")]
+
+
+def official_dinov3_layout(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict as facebookresearch/dinov3 saves it, from timm's conversion run backwards: ``storage_tokens``,
+    ``ls1.gamma``, one ``attn.qkv.bias`` with its ``bias_mask`` (the key part masked out), RoPE ``periods``."""
+    state = {}
+    for key, value in timm_state.items():
+        if key.endswith(".attn.q_bias"):
+            prefix = key[: -len("q_bias")]
+            width = value.shape[0]
+            # DINOv3 stores a key bias too, and masks it out: a non-zero one here shows the mask is applied
+            state[prefix + "qkv.bias"] = torch.cat([value, torch.randn(width), timm_state[prefix + "v_bias"]])
+            state[prefix + "qkv.bias_mask"] = torch.cat([torch.ones(width), torch.zeros(width), torch.ones(width)])
+        elif not key.endswith(".attn.v_bias"):
+            key = key.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+            state["storage_tokens" if key == "reg_token" else key] = value.clone()
+    state["rope_embed.periods"] = torch.rand(16)
+    state["mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
+    return state
+
+
+@pytest.mark.parametrize("arch, timm_name", DINOV3)
+def test_dinov3_cls_features_equal_timms_from_timm_and_official_weights(tmp_path, arch, timm_name):
+    reference = timm_model(timm_name, 2)
+    torch.save(reference.state_dict(), tmp_path / "timm.pth")
+    images = torch.randn(2, 3, 64, 48)  # a 4x3 grid: RoPE follows each input's own grid
+    expected = timm_cls(reference, images)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(arch, 2, tmp_path / "timm.pth")(images), expected, atol=1e-5, rtol=0)
+    if timm_name.endswith("_qkvb"):
+        torch.save(official_dinov3_layout(reference.state_dict()), tmp_path / "official.pth")
+        with torch.no_grad():
+            torch.testing.assert_close(ours(arch, 2, tmp_path / "official.pth")(images), expected, atol=1e-5, rtol=0)
+
+
+def test_dinov3_attention_weights_are_the_ones_its_blocks_use():
+    """The RoPE attention that inspection and the attention maps show reproduces the block's own attention output."""
+    model = build_backbone({"arch": "dinov3_vits16", "depth": 2, "readout": "sparo"}).eval()
+    tokens = model.prepare_tokens(torch.randn(2, 3, 48, 64))
+    kwargs = model.block_kwargs(tokens)
+    block = model.blocks[0]
+    normed = block.norm1(tokens)
+    with torch.no_grad():
+        weights = model.attention_weights(block, normed, **kwargs)
+        attn = block.attn
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = torch.nn.functional.linear(normed, attn.qkv.weight, bias)
+        values = qkv.reshape(2, tokens.shape[1], 3, 6, -1)[:, :, 2]
+        mixed = (weights @ values.transpose(1, 2)).transpose(1, 2).reshape(tokens.shape)
+        torch.testing.assert_close(attn.proj(attn.norm(mixed)), attn(normed, **kwargs), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+
+
+def test_the_dinov3_architecture_is_inferred_from_official_weights(tmp_path):
+    torch.save(official_dinov3_layout(timm_model("vit_small_patch16_dinov3_qkvb", 2).state_dict()), tmp_path / "w.pth")
+    model, config = build_pretrained_backbone(str(tmp_path / "w.pth"), "teacher", {}, log=None)
+    assert (config["arch"], config["patch_size"], config["depth"], config["num_registers"], config["readout"]) == \
+        ("dinov3_vits16", 16, 2, 4, "cls")
+    unmasked = torch.load(tmp_path / "w.pth", weights_only=True)
+    del unmasked["blocks.0.attn.qkv.bias_mask"]  # its random key bias is then really used: not a DINOv3 model
+    torch.save(unmasked, tmp_path / "w.pth")
+    with pytest.raises(UserError, match="blocks.0.attn.qkv.bias has a non-zero key bias"):
+        read_weights(tmp_path / "w.pth")
 
 
 def test_registers_the_model_lacks_and_the_transformers_layout_are_one_line_errors(tmp_path):
@@ -173,29 +229,35 @@ def test_a_corrupt_safetensors_file_is_a_one_line_error(tmp_path):
     assert "\n" not in str(error.value)
 
 
-def test_sparo_retrofits_onto_frozen_official_dinov2_blocks(tmp_path, capsys):
-    """The README's command on small images: official-format random weights with registers, SPARO replacing the
-    last block; the frozen weights stay bit-identical and the checkpoint keeps the full format."""
-    official = official_layout(timm_model("vit_small_patch14_reg4_dinov2", 3).state_dict())
-    torch.save(official, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+RETROFITS = [  # (arch, timm model with its weights, official layout, expected frozen tensors: ours <- official)
+    ("dinov2_vits14_reg", "vit_small_patch14_reg4_dinov2", official_layout, 14,
+     {"cls_token": "cls_token", "pos_embed": "pos_embed", "reg_token": "register_tokens",
+      "blocks.0.ls1.gamma": "blocks.0.ls1.gamma", "blocks.1.mlp.fc2.weight": "blocks.1.mlp.fc2.weight"}),
+    ("dinov3_vits16", "vit_small_patch16_dinov3_qkvb", official_dinov3_layout, 16,
+     {"cls_token": "cls_token", "reg_token": "storage_tokens", "blocks.0.gamma_1": "blocks.0.ls1.gamma",
+      "blocks.1.mlp.fc2.weight": "blocks.1.mlp.fc2.weight"}),
+]
+
+
+@pytest.mark.parametrize("arch, timm_name, layout, patch, frozen", RETROFITS)
+def test_sparo_retrofits_onto_frozen_official_blocks(tmp_path, capsys, arch, timm_name, layout, patch, frozen):
+    """The README's command on small images: official-format random weights (DINOv2 with registers, DINOv3),
+    SPARO replacing the last block; the frozen weights stay bit-identical and the checkpoint keeps the full
+    format."""
+    official = layout(timm_model(timm_name, 3).state_dict())
+    torch.save(official, tmp_path / "pretrain.pth")
     result = train_dino(tiny_args(make_images(tmp_path / "data", count=8, size=64), tmp_path / "out",
-                                  "--arch", "dinov2_vits14_reg", "--depth", "3", "--patch_size", "14",
-                                  "--readout", "sparo", "--global_crop_size", "28", "--local_crop_size", "14",
-                                  "--epochs", "2", "--init_from", tmp_path / "dinov2_vits14_reg4_pretrain.pth",
-                                  "--freeze_blocks", "all"))
+                                  "--arch", arch, "--depth", "3", "--patch_size", patch, "--readout", "sparo",
+                                  "--global_crop_size", 2 * patch, "--local_crop_size", patch, "--epochs", "2",
+                                  "--init_from", tmp_path / "pretrain.pth", "--freeze_blocks", "all"))
     out = capsys.readouterr().out
-    assert "2 blocks frozen (retrofit)" in out and "register_tokens loaded as reg_token" in out
-    # our layout of the official tensors: the CLS position embedding is kept as DINOv2 has it
-    expected = {"cls_token": official["cls_token"], "pos_embed": official["pos_embed"],
-                "reg_token": official["register_tokens"], "blocks.0.ls1.gamma": official["blocks.0.ls1.gamma"],
-                "blocks.1.mlp.fc2.weight": official["blocks.1.mlp.fc2.weight"],
-                "patch_embed.proj.weight": official["patch_embed.proj.weight"]}
+    assert "2 blocks frozen (retrofit)" in out and "loaded as reg_token" in out
     for model in (result.student, result.teacher):
         state = model.backbone.state_dict()
-        for name, value in expected.items():
-            assert torch.equal(state[name], value), name
+        for name, official_name in {**frozen, "patch_embed.proj.weight": "patch_embed.proj.weight"}.items():
+            assert torch.equal(state[name], official[official_name]), name
     trainable = [name for name, p in result.student.named_parameters() if p.requires_grad]
     assert trainable and all(name.startswith(("backbone.sparo.", "backbone.norm.", "head.")) for name in trainable)
     checkpoint = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
     assert set(checkpoint["teacher"]) == set(result.teacher.state_dict())
-    assert checkpoint["args"]["arch"] == "dinov2_vits14_reg" and checkpoint["args"]["num_registers"] == 4
+    assert checkpoint["args"]["arch"] == arch and checkpoint["args"]["num_registers"] == 4

@@ -17,7 +17,8 @@ from typing import Any
 from ..checkpoint import load_pretrained_weights, read_weights, summarise_keys
 from ..cli import bool_flag, non_negative_int, positive_int
 from ..errors import UserError
-from .backbone import READOUT_OPTION_DEFAULTS, replaced_blocks
+from .backbone import READOUT_OPTION_DEFAULTS, ReadoutBackbone, replaced_blocks
+from .dinov3 import DINOv3VisionTransformer
 from .readouts import ARCHITECTURE, INITIALISATION, OPTIMISATION, READOUTS
 from .vision_transformer import ARCHS, BACKBONE_KEY_ROOTS, POS_EMBED_INTERPOLATIONS, VisionTransformer
 
@@ -177,8 +178,10 @@ def _infer_from_weights(weights: Mapping[str, Any], config: dict[str, Any]) -> d
 
 
 def _recognise_arch(weights: Mapping[str, Any], width: int) -> str | None:
-    """The arch of that width whose family (DINOv2's LayerScale or not) and register count the weights show."""
-    family = "dinov2" if any(key.endswith(".ls1.gamma") for key in weights) else "dino"
+    """The arch of that width whose family (DINOv3's LayerScale names, DINOv2's, or none) and register count the
+    weights show."""
+    family = ("dinov3" if any(key.endswith(".gamma_1") for key in weights)
+              else "dinov2" if any(key.endswith(".ls1.gamma") for key in weights) else "dino")
     registers = weights.get("reg_token")
     count = int(registers.shape[1]) if registers is not None and registers.ndim == 3 else 0
     candidates = [name for name, spec in ARCHS.items() if spec.family == family and spec.embed_dim == width]
@@ -199,7 +202,7 @@ def _recognise_readout(weights: Mapping[str, Any]) -> str:
 
 
 def build_backbone(config: Mapping[str, Any] | None = None, drop_path_rate: float = 0.0,
-                   **overrides: Any) -> VisionTransformer:
+                   **overrides: Any) -> ReadoutBackbone:
     """The backbone a model config describes (missing entries take :data:`MODEL_DEFAULTS`, ``overrides`` win);
     an impossible combination is a :class:`UserError`."""
     given = {name: value for name, value in {**upgrade_saved_args(config or {}), **overrides}.items()
@@ -210,7 +213,8 @@ def build_backbone(config: Mapping[str, Any] | None = None, drop_path_rate: floa
     config = {**arch_defaults(arch), **given}
     kwargs = {name: config[name] for name in MODEL_FLAGS[1:]}
     try:
-        return VisionTransformer(**ARCHS[arch].model_kwargs(), drop_path_rate=drop_path_rate, **kwargs)
+        backbone = DINOv3VisionTransformer if ARCHS[arch].family == "dinov3" else VisionTransformer
+        return backbone(**ARCHS[arch].model_kwargs(), drop_path_rate=drop_path_rate, **kwargs)
     except ValueError as error:
         raise UserError(str(error)) from None
 
@@ -224,7 +228,7 @@ def architecture_args(args: argparse.Namespace | Mapping[str, Any]) -> dict[str,
 
 
 def build_pretrained_backbone(path: str, checkpoint_key: str, flags: argparse.Namespace | Mapping[str, Any],
-                              log: Callable[[str], None] | None = print) -> tuple[VisionTransformer, dict[str, Any]]:
+                              log: Callable[[str], None] | None = print) -> tuple[ReadoutBackbone, dict[str, Any]]:
     """The frozen backbone (eval mode, no gradients) of ``path``, every parameter loaded from it.
 
     The architecture comes from explicit ``flags``, else the checkpoint's saved args, else its weights: a

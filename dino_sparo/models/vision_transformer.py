@@ -1,5 +1,5 @@
 """DINO's ViT-Tiny/Small/Base and DINOv2's ViT-S/B/L/g (with or without registers) built from timm, ending in a read-out
-of :data:`~.readouts.READOUTS` (SPARO, CLS, ...)."""
+of :data:`~.readouts.READOUTS` (SPARO, CLS, ...); :data:`ARCHS` also names DINOv3's, built by :mod:`.dinov3`."""
 from __future__ import annotations
 
 import math
@@ -30,10 +30,7 @@ class ArchSpec:
     layer_scale: float | None = None  # LayerScale's initial value (DINOv2: 1e-5); None: no LayerScale
     mlp: Literal["gelu", "swiglu"] = "gelu"
     img_size: int = 224  # the position embeddings' native image size (DINOv2's: 518 px, a 37x37 grid)
-
-    @property
-    def family(self) -> str:
-        return "dinov2" if self.layer_scale is not None else "dino"
+    family: Literal["dino", "dinov2", "dinov3"] = "dino"  # dinov3: RoPE, built by DINOv3VisionTransformer
 
     def model_kwargs(self) -> dict[str, Any]:
         """The :class:`VisionTransformer` arguments no flag overrides."""
@@ -47,7 +44,13 @@ class ArchSpec:
 def _dinov2(embed_dim: int, num_heads: int, depth: int, registers: int, mlp: str = "gelu") -> ArchSpec:
     # DINOv2's hub backbones (Oquab et al., 2024): patch 14, LayerScale from 1e-5, 518 px position embeddings.
     return ArchSpec(embed_dim, num_heads, patch_size=14, depth=depth, num_registers=registers, layer_scale=1e-5,
-                    mlp=mlp, img_size=518)
+                    mlp=mlp, img_size=518, family="dinov2")
+
+
+def _dinov3(embed_dim: int, num_heads: int, depth: int) -> ArchSpec:
+    # DINOv3's ViT-S/B/L (Siméoni et al., 2025): patch 16, RoPE, 4 storage tokens, LayerScale from 1e-5.
+    return ArchSpec(embed_dim, num_heads, patch_size=16, depth=depth, num_registers=4, layer_scale=1e-5,
+                    family="dinov3")
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -58,8 +61,11 @@ ARCHS: dict[str, ArchSpec] = {
        for size, width, heads, depth, mlp in (("s", 384, 6, 12, "gelu"), ("b", 768, 12, 12, "gelu"),
                                               ("l", 1024, 16, 24, "gelu"), ("g", 1536, 24, 40, "swiglu"))
        for suffix, registers in (("", 0), ("_reg", 4))},
+    "dinov3_vits16": _dinov3(384, 6, 12),
+    "dinov3_vitb16": _dinov3(768, 12, 12),
+    "dinov3_vitl16": _dinov3(1024, 16, 24),
 }
-# First components of the backbone's own state-dict keys (the read-out's are its ``state_prefix``).
+# First components of the backbones' own state-dict keys (the read-out's are its ``state_prefix``).
 BACKBONE_KEY_ROOTS = ("cls_token", "reg_token", "pos_embed", "patch_embed", "blocks", "norm")
 
 
