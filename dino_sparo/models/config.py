@@ -80,14 +80,15 @@ def add_model_args(parser: argparse.ArgumentParser, from_checkpoint: bool = Fals
 
     group = parser.add_argument_group("architecture")
     group.add_argument("--arch", type=arch_name, default=default("arch"), metavar="{" + ",".join(ARCHS) + "}",
-                       help="DINO's ViT sizes (deit_tiny/deit_small accepted as aliases) or DINOv2's backbones "
-                       "(LayerScale, patch 14; _reg: 4 registers)" + shown("vit_small"))
+                       help="DINO's ViT sizes (deit_tiny/deit_small accepted as aliases), DINOv2's backbones "
+                       "(LayerScale, patch 14; _reg: 4 registers) or DINOv3's (RoPE, 4 storage tokens)"
+                       + shown("vit_small"))
     group.add_argument("--patch_size", type=positive_int, default=default("patch_size"),
                        help="patch size in pixels (16 or 8 for DINO's archs, 14 for DINOv2's); with < 16 prefer "
-                       "--precision bf16 or fp32" + arch_shown("16 for vit_*, 14 for dinov2_*"))
+                       "--precision bf16 or fp32" + arch_shown("16 for vit_* and dinov3_*, 14 for dinov2_*"))
     group.add_argument("--depth", type=positive_int, default=default("depth"),
                        help="transformer blocks before any is replaced by the read-out"
-                       + arch_shown("12; DINOv2 ViT-L 24, ViT-g 40"))
+                       + arch_shown("12; ViT-L 24, ViT-g 40"))
     group.add_argument("--readout", choices=tuple(READOUTS), default=default("readout"),
                        help="; ".join(f"{name}: {readout.summary}" for name, readout in READOUTS.items())
                        + shown(MODEL_DEFAULTS["readout"]))
@@ -98,7 +99,7 @@ def add_model_args(parser: argparse.ArgumentParser, from_checkpoint: bool = Fals
                        + "); 0 puts it on top of every block; None: the read-out's own" + shown("the read-out's"))
     group.add_argument("--num_registers", type=non_negative_int, default=default("num_registers"),
                        help="learned register tokens after the CLS token (Darcet et al., 2024), dropped at the output"
-                       + arch_shown("0; 4 for dinov2_*_reg"))
+                       + arch_shown("0; 4 for dinov2_*_reg and dinov3_*"))
     group.add_argument("--readout_sees_registers", type=bool_flag, default=default("readout_sees_registers"),
                        help="let the read-out attend to the registers too (by default it reads CLS and patches)"
                        + shown(MODEL_DEFAULTS["readout_sees_registers"]))
@@ -203,8 +204,9 @@ def _recognise_readout(weights: Mapping[str, Any]) -> str:
 
 def build_backbone(config: Mapping[str, Any] | None = None, drop_path_rate: float = 0.0,
                    **overrides: Any) -> ReadoutBackbone:
-    """The backbone a model config describes (missing entries take :data:`MODEL_DEFAULTS`, ``overrides`` win);
-    an impossible combination is a :class:`UserError`."""
+    """The backbone a model config describes (missing or None entries take the arch's defaults, ``overrides``
+    win): a :class:`~.dinov3.DINOv3VisionTransformer` for the dinov3 archs, else a :class:`VisionTransformer`; an
+    impossible combination is a :class:`UserError`."""
     given = {name: value for name, value in {**upgrade_saved_args(config or {}), **overrides}.items()
              if value is not None}
     arch = ARCH_ALIASES.get(given.get("arch", MODEL_DEFAULTS["arch"]), given.get("arch", MODEL_DEFAULTS["arch"]))
