@@ -111,7 +111,8 @@ def test_the_architecture_is_inferred_from_official_weights(tmp_path, capsys):
     model, config = build_pretrained_backbone(str(tmp_path / "w.pth"), "teacher", {})
     assert (config["arch"], config["patch_size"], config["depth"], config["num_registers"], config["readout"]) == \
         ("dinov2_vits14_reg", 14, 2, 4, "cls")
-    assert "unused from the checkpoint: mask_token" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "unused from the checkpoint: mask_token" in out and "register_tokens loaded as reg_token" in out
     assert model.num_registers == 4 and len(model.blocks) == 2
 
 

@@ -252,6 +252,8 @@ def build_pretrained_backbone(path: str, checkpoint_key: str, flags: argparse.Na
         log(f"loaded {len(report.loaded)} tensors from {path} (key {checkpoint_key!r}); model: {described}")
         if report.unused:
             log(f"unused from the checkpoint: {summarise_keys(report.unused)}")
+        for note in report.notes:
+            log(note)
     model.requires_grad_(False)
     model.eval()
     return model, config
