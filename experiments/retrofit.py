@@ -30,8 +30,7 @@ import torch
 
 import main_dino
 from dino_sparo.checkpoint import load_student_weights, save_atomic
-from dino_sparo.models.config import resolve_model_config
-from dino_sparo.train.setup import build_models, jsonable_args
+from dino_sparo.train.setup import build_models, jsonable_args, resolve_args
 from dino_sparo.utils.files import write_json_atomic, write_text_atomic
 from dino_sparo.utils.machine import summary_line
 from experiments.slot_ablation import (
@@ -89,7 +88,7 @@ VARIANTS = (
     variant("teacher_temp_004", "teacher temperature 0.04", "--teacher_temp", "0.04", "--warmup_teacher_temp", "0.04"),
 )
 PROBE = "cls_token_of_kept_blocks"
-AT_INIT = "sparo_at_init"
+AT_INIT = "at_init"  # suffix of a retrofit's before-the-first-step probe
 
 
 def train_and_evaluate(data_set: DataSet, config: Config, seed: int, run_dir: Path, epochs: int,
@@ -143,22 +142,21 @@ def probe_kept_blocks(data_set: DataSet, cls_checkpoint: Path, run_dir: Path) ->
 
 def probe_at_init(data_set: DataSet, config: Config, seed: int, init_from: tuple[str, ...], run_dir: Path
                   ) -> dict[str, Any]:
-    """The retrofit's teacher before its first step (read-out and head at their initialisation, blocks from the
-    CLS model): how much of the retrofit's score the training of the read-out adds."""
+    """The teacher of retrofit ``config`` before its first step (read-out and head at their initialisation, blocks
+    from the CLS model): how much of the retrofit's score the training of the read-out adds."""
     result_path = run_dir / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = [*training_argv(data_set, config, seed, run_dir), *init_from]
-    args = main_dino.parse_args(argv)
-    resolved = argparse.Namespace(**{**vars(args), **resolve_model_config(args)})
-    torch.manual_seed(args.seed)
     with open(run_dir / "eval.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        student, _ = build_models(resolved, torch.device("cpu"))
+        args = resolve_args(main_dino.parse_args(argv), True, print)
+        torch.manual_seed(args.seed)
+        student, _ = build_models(args, torch.device("cpu"))
         load_student_weights(student, args.init_from, args.init_from_key)
         checkpoint = run_dir / "checkpoint.pth"
-        save_atomic({"teacher": student.state_dict(), "args": jsonable_args(resolved)}, checkpoint)
-        record = {"config": AT_INIT, **evaluate(checkpoint, data_set, run_dir)}
+        save_atomic({"teacher": student.state_dict(), "args": jsonable_args(args)}, checkpoint)
+        record = {"config": config.name, **evaluate(checkpoint, data_set, run_dir)}
     checkpoint.unlink()
     write_json_atomic(record, result_path)
     return record
@@ -171,7 +169,9 @@ def run_seed(data_set: DataSet, seed: int, out: Path) -> dict[str, dict[str, Any
     cls = train_and_evaluate(data_set, CLS, seed, runs / "cls", CLS_EPOCHS, keep_checkpoint=True)
     init_from = ("--init_from", str(runs / "cls" / "checkpoint.pth"))
     records = {"cls": cls, PROBE: probe_kept_blocks(data_set, runs / "cls" / "checkpoint.pth", runs / PROBE),
-               AT_INIT: probe_at_init(data_set, RETROFIT_BEFORE, seed, init_from, runs / AT_INIT)}
+               **{f"{config.name}_{AT_INIT}": probe_at_init(data_set, config, seed, init_from,
+                                                           runs / f"{config.name}_{AT_INIT}")
+                  for config in (RETROFIT_BEFORE, RETROFIT)}}
     for config in (RETROFIT_BEFORE, *VARIANTS, RETROFIT):
         records[config.name] = train_and_evaluate(data_set, config, seed, runs / config.name, RETROFIT_EPOCHS,
                                                   init_from)
@@ -219,10 +219,11 @@ def noise_line(name: str, by_seed: list[dict[str, dict[str, Any]]]) -> str:
 MAIN_LABELS = {"cls": "DINO, CLS read-out (trained first)",
                RETROFIT_BEFORE.name: "SPARO retrofitted, first recipe",
                RETROFIT.name: "SPARO retrofitted, current defaults",
+               f"{RETROFIT.name}_{AT_INIT}": "the same before its first step",
                "scratch": "SPARO from scratch, same wall time as the retrofit"}
 DIAGNOSIS_LABELS = {"cls": "DINO, CLS read-out (the bar)",
                     PROBE: "its CLS token after the 2 blocks a retrofit keeps",
-                    AT_INIT: "retrofit (first recipe) before its first step",
+                    f"{RETROFIT_BEFORE.name}_{AT_INIT}": "retrofit, first recipe, before its first step",
                     RETROFIT_BEFORE.name: "retrofit, first recipe",
                     **{config.name: f"retrofit: {config.description}" for config in VARIANTS}}
 

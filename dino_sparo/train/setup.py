@@ -24,6 +24,7 @@ from ..distributed import DistributedContext, is_dist_initialized, resolve_devic
 from ..errors import UserError
 from ..models import DINOHead, MultiCropWrapper
 from ..models.config import build_backbone, resolve_model_config
+from ..models.readouts.sparo import KEY_INIT_GAIN
 from ..models.vision_transformer import replaced_blocks
 from ..utils.files import remove_stale_temporaries
 from .preemption import ignore_preemption_signals
@@ -31,6 +32,10 @@ from .preemption import ignore_preemption_signals
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 AUGMENT_DEVICES = ("auto", "pil", "cpu", "cuda")
 Say = Callable[[str], None]
+# A retrofit's SPARO read-out barely moves in a short schedule (its k-NN before the first step is what it ends
+# with), so its initial attention decides the score: gain 1's near-uniform slots read frozen CLS-trained blocks
+# better than gain 4's peaked ones (experiments/retrofit.py, on held-out images of the digits and of photos).
+RETROFIT_KEY_INIT_GAIN = 1.0
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -106,9 +111,15 @@ def seed_everything(seed: int) -> None:
 
 def resolve_args(args: argparse.Namespace, is_main: bool, say: Say) -> argparse.Namespace:
     """A copy of ``args`` with what defaults leave open filled in: the model config (so the checkpoint's saved args
-    name the architecture exactly) and, for the demo, the data folders (generated on first use). The folders are
-    checked before any work."""
+    name the architecture exactly), SPARO's key gain (:data:`RETROFIT_KEY_INIT_GAIN` in a retrofit) and, for the
+    demo, the data folders (generated on first use). The folders are checked before any work."""
     resolved = argparse.Namespace(**{**vars(args), **resolve_model_config(args)})
+    if resolved.readout == "sparo" and resolved.sparo_key_init_gain is None:
+        retrofit = resolved.freeze_blocks is not None
+        resolved.sparo_key_init_gain = RETROFIT_KEY_INIT_GAIN if retrofit else KEY_INIT_GAIN
+        if retrofit:
+            say(f"retrofit (--freeze_blocks): --sparo_key_init_gain {RETROFIT_KEY_INIT_GAIN:g} (from scratch: "
+                f"{KEY_INIT_GAIN:g}; pass the flag to choose)")
     if resolved.demo and not resolved.data_path:
         root = ensure_demo_dataset(resolved.demo_data_dir, num_train=resolved.demo_num_images,
                                    num_val=max(1, resolved.demo_num_images // 4), verbose=is_main)
