@@ -32,9 +32,9 @@ from .preemption import ignore_preemption_signals
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 AUGMENT_DEVICES = ("auto", "pil", "cpu", "cuda")
 Say = Callable[[str], None]
-# A retrofit's SPARO read-out barely moves in a short schedule (its k-NN before the first step is what it ends
-# with), so its initial attention decides the score: gain 1's near-uniform slots read frozen CLS-trained blocks
-# better than gain 4's peaked ones (experiments/retrofit.py, on held-out images of the digits and of photos).
+# Key gain 4 makes a retrofit's slots peaked from the start, and on frozen blocks they stay so: its k-NN after a
+# short schedule is what it had before the first step, below the CLS model's. Gain 1's near-uniform slots start at
+# the CLS model's score or above and can still learn (experiments/retrofit.py, held-out digits and photos).
 RETROFIT_KEY_INIT_GAIN = 1.0
 
 
