@@ -32,9 +32,9 @@ from .preemption import ignore_preemption_signals
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 AUGMENT_DEVICES = ("auto", "pil", "cpu", "cuda")
 Say = Callable[[str], None]
-# Key gain 4 makes a retrofit's slots peaked from the start, and on frozen blocks they stay so: its k-NN after a
-# short schedule is what it had before the first step, below the CLS model's. Gain 1's near-uniform slots start at
-# the CLS model's score or above and can still learn (experiments/retrofit.py, held-out digits and photos).
+# On frozen blocks a short retrofit ends about where its read-out's initialisation starts (k-NN before the first
+# step and after 5 epochs agree within noise), so the initial attention decides: gain 4's peaked slots score below
+# the CLS model on photos, gain 1's near-uniform ones match it (experiments/retrofit.py, held-out images).
 RETROFIT_KEY_INIT_GAIN = 1.0
 
 
