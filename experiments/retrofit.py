@@ -10,8 +10,9 @@ evaluated): scikit-learn's bundled handwritten digits, and random crops of the p
 Recipe: the demo preset (ViT-Tiny/8, depth 3, 32/16 px crops), on the CPU, fp32, one run at a time, one thread.
 
 Each seed also runs the diagnosis: the k-NN of the frozen CLS model's CLS token read after the blocks the retrofit
-keeps (what the retrofit's read-out has to work with), and retrofit variants that each change one thing of the
-recipe the retrofit was first measured with (``retrofit_before``, every flag stated). The defaults of
+keeps (what the retrofit's read-out has to work with), the retrofits' k-NN before their first step, and retrofit
+variants that each change one thing (the last, two) of the recipe the retrofit was first measured with
+(``retrofit_before``, every flag stated). The defaults of
 ``--freeze_blocks`` runs were chosen from the variants' held-out k-NN only; ``retrofit`` is the plain command with
 those defaults. Results go to ``OUT/retrofit.md`` and ``OUT/retrofit.json``.
 """
@@ -71,8 +72,8 @@ def variant(name: str, description: str, *changes: str) -> Config:
                          *others), description)
 
 
-# One change each, from the candidate causes: which frozen features the read-out sees, its initial scale, and the
-# short schedule (warm-up, learning rate, teacher momentum, teacher temperature, length).
+# One change each (the last combines two), from the candidate causes: which frozen features the read-out sees, its
+# initial scale, its head, and the short schedule (warm-up, learning rates, teacher momentum and temperature).
 VARIANTS = (
     variant("keep_last_block", "SPARO reads all the CLS model's blocks (replaces none)",
             "--readout_replace_blocks", "0"),
@@ -166,8 +167,9 @@ def probe_at_init(data_set: DataSet, config: Config, seed: int, init_from: tuple
 
 
 def run_seed(data_set: DataSet, seed: int, out: Path) -> dict[str, dict[str, Any]]:
-    """The teachers of one seed (the CLS checkpoint is kept for retrofits added later); the scratch run gets as many epochs as fit in the retrofit's wall time, from the
-    CLS run's time per epoch (a full step of either read-out costs about the same)."""
+    """The teachers of one seed (the CLS checkpoint is kept for retrofits added later); the scratch run gets as
+    many epochs as fit in the retrofit's wall time, from the CLS run's time per epoch (a full step of either
+    read-out costs about the same)."""
     runs = out / "runs" / data_set.name / f"seed{seed}"
     cls = train_and_evaluate(data_set, CLS, seed, runs / "cls", CLS_EPOCHS, keep_checkpoint=True)
     init_from = ("--init_from", str(runs / "cls" / "checkpoint.pth"))
