@@ -55,6 +55,13 @@ SPLIT_SEED = 0
 HOLDOUT_FRACTION = 0.2
 DIGITS_VAL_FRACTION = 0.3
 DIGITS_IMAGE_SIZE = 32
+# Photos bundled with scikit-image (no download), each at least 300 px on its shorter side; motorcycle is the left
+# view of its stereo pair. Classes are the photos; images are random square crops of them.
+PHOTO_NAMES = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
+               "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle", "retina", "rocket")
+PHOTO_CROPS_PER_PHOTO = 120
+PHOTO_CROP_SIDE = (0.15, 0.4)  # of the photo's shorter side, uniform
+PHOTO_IMAGE_SIZE = 64
 RESIZE_SIZE, CROP_SIZE = 36, 32  # the k-NN view for 32 px training crops
 KNN_KS = ("10", "20")
 KNN_METRICS = tuple(f"k{k}" for k in KNN_KS)
@@ -219,6 +226,51 @@ def prepare_digits(data_dir: Path, epochs: int) -> DataSet:
     return DataSet("digits", root, description, epochs)
 
 
+def photo(name: str) -> Image.Image:
+    """One of :data:`PHOTO_NAMES` as an RGB image."""
+    from skimage import data  # only this set needs scikit-image
+
+    pixels = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    return Image.fromarray(pixels).convert("RGB")
+
+
+def prepare_photos(data_dir: Path, epochs: int) -> DataSet:
+    """Random crops of the photos bundled with scikit-image, :data:`PHOTO_CROPS_PER_PHOTO` per photo, class =
+    photo; split as the digits (30 % val, then 20 % of the rest held out). Crops of one photo may overlap across
+    splits, as crops of one scene do."""
+    root = data_dir / "photos"
+    description = (f"random crops ({PHOTO_CROP_SIDE[0]:g}-{PHOTO_CROP_SIDE[1]:g} of the shorter side, resized to "
+                   f"{PHOTO_IMAGE_SIZE} px) of {len(PHOTO_NAMES)} photos bundled with scikit-image, class = photo")
+    if not (root / COMPLETE_MARKER).is_file():
+        generator = np.random.default_rng(SPLIT_SEED)
+        boxes = []  # (photo, left, top, side)
+        for name in PHOTO_NAMES:
+            width, height = photo(name).size
+            for _ in range(PHOTO_CROPS_PER_PHOTO):
+                side = int(generator.uniform(*PHOTO_CROP_SIDE) * min(width, height))
+                boxes.append((name, int(generator.integers(0, width - side + 1)),
+                              int(generator.integers(0, height - side + 1)), side))
+        labels = [box[0] for box in boxes]
+        indices = list(range(len(boxes)))
+        rest, val = stratified_holdout(indices, labels, DIGITS_VAL_FRACTION)
+        train, holdout = stratified_holdout(rest, [labels[i] for i in rest], HOLDOUT_FRACTION)
+        photos = {name: photo(name) for name in PHOTO_NAMES}
+
+        def crop(index: int) -> Image.Image:
+            name, left, top, side = boxes[index]
+            return photos[name].crop((left, top, left + side, top + side)).resize(
+                (PHOTO_IMAGE_SIZE, PHOTO_IMAGE_SIZE), Image.BICUBIC)
+
+        def pngs(chosen: list[int]) -> list[tuple[str, str, Callable[[Path], None]]]:
+            return [(labels[i], f"{i:04d}.png", lambda target, i=i: crop(i).save(target)) for i in chosen]
+
+        write_data_set(root, {"train": pngs(train), "holdout": pngs(holdout), "val": pngs(val)},
+                       {"source": "skimage.data", "photos": list(PHOTO_NAMES), "crops_per_photo":
+                        PHOTO_CROPS_PER_PHOTO, "crop_side": list(PHOTO_CROP_SIDE), "val_fraction": DIGITS_VAL_FRACTION,
+                        "holdout_fraction": HOLDOUT_FRACTION, "seed": SPLIT_SEED, "image_size": PHOTO_IMAGE_SIZE})
+    return DataSet("photos", root, description, epochs)
+
+
 # --------------------------------------------------------------------------------------------------------- runs
 
 def training_argv(data_set: DataSet, config: Config, seed: int, run_dir: Path) -> list[str]:
@@ -240,12 +292,13 @@ def statistics_at_init(argv: list[str], images_dir: Path) -> dict[str, float]:
     return measure_slots(backbone, (batch for batch, _ in loader), "cpu").summary()
 
 
-def knn(checkpoint: Path, knn_root: Path, output_dir: Path, per_slot: bool) -> dict[str, Any]:
+def knn(checkpoint: Path, knn_root: Path, output_dir: Path, per_slot: bool, flags: Sequence[str] = ()
+        ) -> dict[str, Any]:
     """eval_knn.py on the teacher of ``checkpoint``: top-1 at k = 10 and 20 and, for SPARO, the slot statistics
-    on the evaluated images."""
+    on the evaluated images (``flags``: eval_knn.py's model flags, to read the checkpoint otherwise)."""
     argv = ["--pretrained_weights", str(checkpoint), "--data_path", str(knn_root), "--resize_size",
             str(RESIZE_SIZE), "--crop_size", str(CROP_SIZE), "--nb_knn", *KNN_KS, "--num_workers", "0",
-            "--use_cuda", "false", "--output_dir", str(output_dir)] + (["--per_slot"] if per_slot else [])
+            "--use_cuda", "false", "--output_dir", str(output_dir), *flags] + (["--per_slot"] if per_slot else [])
     output_dir.mkdir(parents=True, exist_ok=True)
     results = eval_knn.main(argv)
     return {"top1": {k: results["knn"][k]["top1"] for k in KNN_KS},

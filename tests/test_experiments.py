@@ -12,7 +12,8 @@ import main_dino  # noqa: E402
 from experiments import retrofit, slot_ablation, slot_causes  # noqa: E402
 
 DATA = slot_ablation.DataSet("digits", Path("/nowhere"), "unused", 1)
-SPARO_CONFIGS = (slot_ablation.DEFAULT, *slot_ablation.SINGLE_OPTIONS, retrofit.RETROFIT, retrofit.SCRATCH)
+SPARO_CONFIGS = (slot_ablation.DEFAULT, *slot_ablation.SINGLE_OPTIONS, retrofit.RETROFIT_BEFORE, *retrofit.VARIANTS,
+                 retrofit.SCRATCH)
 
 
 def parsed(config: slot_ablation.Config):
@@ -43,7 +44,10 @@ def test_the_baselines_measure_what_the_results_were_measured_with():
     key_gain_4 = next(c for c in slot_ablation.SINGLE_OPTIONS if c.name == "key_gain_4")
     assert parsed(key_gain_4).sparo_key_init_gain == 4.0 and key_gain_4.changes == ("--sparo_key_init_gain", "4")
     # The retrofit results were measured with key gain 4 (checked by rerunning a scratch run exactly).
-    assert parsed(retrofit.SCRATCH).sparo_key_init_gain == 4.0 and parsed(retrofit.RETROFIT).freeze_blocks == "all"
+    assert parsed(retrofit.SCRATCH).sparo_key_init_gain == 4.0
+    assert parsed(retrofit.RETROFIT_BEFORE).sparo_key_init_gain == 4.0
+    assert parsed(retrofit.RETROFIT_BEFORE).readout_replace_blocks == 1
+    assert parsed(retrofit.RETROFIT_BEFORE).freeze_blocks == parsed(retrofit.RETROFIT).freeze_blocks == "all"
     assert parsed(slot_ablation.CLS).readout == "cls" and not slot_ablation.CLS.is_sparo
     assert slot_causes.VIT_SMALL_SPARO["sparo_slots"] == 64
 

@@ -9,7 +9,7 @@ from dino_sparo.loss import DINOLoss
 from dino_sparo.models import DINOHead, MultiCropWrapper, vit_tiny
 from dino_sparo.optim import build_optimizer, get_params_groups
 from dino_sparo.train import train_dino
-from dino_sparo.train.setup import build_models
+from dino_sparo.train.setup import build_models, resolve_args
 from dino_sparo.train.step import TrainStep
 
 
@@ -99,3 +99,22 @@ def test_freeze_blocks_out_of_range_is_a_one_line_error(tmp_path, value, message
     with pytest.raises(UserError, match=message) as error:
         train_dino(tiny_args(make_images(tmp_path / "data", count=4), tmp_path / "out", "--freeze_blocks", value))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("flags, gain, announced", [(("--freeze_blocks", "all"), 1.0, True),
+                                                    (("--freeze_blocks", "1"), 1.0, True),
+                                                    ((), 4.0, False),
+                                                    (("--freeze_blocks", "all", "--sparo_key_init_gain", "4"), 4.0,
+                                                     False)])
+def test_a_retrofit_defaults_to_key_gain_1_and_says_so(flags, gain, announced):
+    """Left unset, SPARO's key gain is 1 in a --freeze_blocks run (4 from scratch), announced like the other
+    resolved defaults and saved with the run's args; an explicit value wins."""
+    said = []
+    resolved = resolve_args(tiny_args("data", "out", *flags), True, said.append)
+    assert resolved.sparo_key_init_gain == gain
+    assert any("--sparo_key_init_gain 1" in line for line in said) == announced
+    torch.manual_seed(0)
+    student, _ = build_models(resolved, torch.device("cpu"))
+    torch.manual_seed(0)
+    expected = build_models(tiny_args("data", "out", "--sparo_key_init_gain", str(gain)), torch.device("cpu"))[0]
+    torch.testing.assert_close(student.backbone.sparo.key_proj.weight, expected.backbone.sparo.key_proj.weight)

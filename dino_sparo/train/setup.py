@@ -25,12 +25,17 @@ from ..errors import UserError
 from ..models import DINOHead, MultiCropWrapper
 from ..models.backbone import replaced_blocks
 from ..models.config import build_backbone, resolve_model_config
+from ..models.readouts.sparo import KEY_INIT_GAIN
 from ..utils.files import remove_stale_temporaries
 from .preemption import ignore_preemption_signals
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 AUGMENT_DEVICES = ("auto", "pil", "cpu", "cuda")
 Say = Callable[[str], None]
+# On frozen blocks a short retrofit ends about where its read-out's initialisation starts (k-NN before the first
+# step and after 5 epochs agree within noise), so the initial attention decides: gain 4's peaked slots score below
+# the CLS model on photos, gain 1's near-uniform ones match it (experiments/retrofit.py, held-out images).
+RETROFIT_KEY_INIT_GAIN = 1.0
 
 
 DINO_LOCAL_CROP_SIZE = 96
@@ -120,9 +125,15 @@ def seed_everything(seed: int) -> None:
 
 def resolve_args(args: argparse.Namespace, is_main: bool, say: Say) -> argparse.Namespace:
     """A copy of ``args`` with what defaults leave open filled in: the model config (so the checkpoint's saved args
-    name the architecture exactly) and, for the demo, the data folders (generated on first use). The folders are
-    checked before any work."""
+    name the architecture exactly), SPARO's key gain (:data:`RETROFIT_KEY_INIT_GAIN` in a retrofit) and, for the
+    demo, the data folders (generated on first use). The folders are checked before any work."""
     resolved = with_model_config(args)
+    if resolved.readout == "sparo" and resolved.sparo_key_init_gain is None:
+        retrofit = resolved.freeze_blocks is not None
+        resolved.sparo_key_init_gain = RETROFIT_KEY_INIT_GAIN if retrofit else KEY_INIT_GAIN
+        if retrofit:
+            say(f"retrofit (--freeze_blocks): --sparo_key_init_gain {RETROFIT_KEY_INIT_GAIN:g} (from scratch: "
+                f"{KEY_INIT_GAIN:g}; pass the flag to choose)")
     if resolved.demo and not resolved.data_path:
         root = ensure_demo_dataset(resolved.demo_data_dir, num_train=resolved.demo_num_images,
                                    num_val=max(1, resolved.demo_num_images // 4), verbose=is_main)

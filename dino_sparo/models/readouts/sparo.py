@@ -12,6 +12,7 @@ from torch import nn
 from ...cli import bool_flag, positive_int
 from .base import INITIALISATION, OPTIMISATION, Option, Readout, restrict_to_slots
 
+KEY_INIT_GAIN = 4.0
 # The tensors whose product sets the attention temperature: decaying them cools every slot's softmax.
 _TEMPERATURE_TENSORS = ("queries", "key_proj.weight", "value_proj.weight")
 
@@ -40,8 +41,10 @@ class SPARO(Readout):
                "a learnable temperature per slot multiplying its attention logits, starting at 1"),
         Option("sparo_query_init_std", float, 1.0, "std of the queries' N(0, std) initialisation (with the key gain "
                "it sets the initial attention temperature)", role=INITIALISATION),
-        Option("sparo_key_init_gain", float, 4.0, "gain of the key projection's xavier-uniform initialisation (the "
-               "paper: 1; 4 lets the slots separate within short schedules)", role=INITIALISATION),
+        Option("sparo_key_init_gain", float, None, "gain of the key projection's xavier-uniform initialisation (the "
+               "paper: 1); default 4, which lets the slots separate within short schedules, but 1 in a "
+               "--freeze_blocks retrofit (see dino_sparo.train.setup.RETROFIT_KEY_INIT_GAIN)", role=INITIALISATION,
+               derived=lambda embed_dim, num_heads: KEY_INIT_GAIN),
         Option("sparo_lr_mult", float, 1.0, "learning-rate multiplier of the SPARO read-out's parameters (queries, "
                "projections)", role=OPTIMISATION),
         Option("sparo_weight_decay", bool_flag, True, "weight decay on SPARO's queries and key/value projections "
@@ -58,7 +61,7 @@ class SPARO(Readout):
         slot_norm: bool = True,
         logit_scale: bool = False,
         query_init_std: float = 1.0,
-        key_init_gain: float = 4.0,
+        key_init_gain: float = KEY_INIT_GAIN,
         num_prefix_tokens: int = 1,
     ) -> None:
         super().__init__(embed_dim, num_prefix_tokens)
