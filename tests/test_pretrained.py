@@ -185,8 +185,7 @@ def test_dinov3_cls_features_equal_timms_from_timm_and_official_weights(tmp_path
 def test_dinov3_attention_weights_are_the_ones_its_blocks_use():
     """The RoPE attention that inspection and the attention maps show reproduces the block's own attention output."""
     model = build_backbone({"arch": "dinov3_vits16", "depth": 2, "readout": "sparo"}).eval()
-    tokens = model.prepare_tokens(torch.randn(2, 3, 48, 64))
-    kwargs = model.block_kwargs(tokens)
+    tokens, kwargs = model.embed(torch.randn(2, 3, 48, 64))
     block = model.blocks[0]
     normed = block.norm1(tokens)
     with torch.no_grad():

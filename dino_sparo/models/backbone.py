@@ -4,9 +4,10 @@ inspection.
 
 A backbone class (:class:`~.vision_transformer.VisionTransformer` for DINO's and DINOv2's absolute position
 embeddings, :class:`~.dinov3.DINOv3VisionTransformer` for DINOv3's RoPE) mixes :class:`ReadoutBackbone` in before
-its timm model and supplies three things: :meth:`~ReadoutBackbone.prepare_tokens` (image to tokens),
-:meth:`~ReadoutBackbone.block_kwargs` (what each block call needs besides the tokens: DINOv3's RoPE tables) and
-:meth:`~ReadoutBackbone.attention_weights` (a block's softmax attention).
+its timm model and supplies :meth:`~ReadoutBackbone.prepare_tokens` (image to tokens),
+:meth:`~ReadoutBackbone.block_kwargs` (what each block call needs besides the tokens: DINOv3's RoPE tables for the
+patch grid), :meth:`~ReadoutBackbone.attention_weights` (a block's softmax attention) and
+:meth:`~ReadoutBackbone.embedding_parameters`.
 """
 from __future__ import annotations
 
@@ -74,8 +75,9 @@ class ReadoutBackbone:
         """Image (B, 3, H, W) -> tokens (B, 1 + registers + H*W/p^2, D) before any block."""
         raise NotImplementedError
 
-    def block_kwargs(self, tokens: torch.Tensor) -> dict[str, Any]:
-        """Keyword arguments of every block call on ``tokens`` besides the tokens (none for absolute positions)."""
+    def block_kwargs(self, tokens: torch.Tensor, grid: tuple[int, int] | None) -> dict[str, Any]:
+        """Keyword arguments of every block call on ``tokens`` of a (rows, cols) patch ``grid`` besides the tokens
+        (none for absolute positions); ``grid`` is None where only the tokens are known (:meth:`forward_from`)."""
         return {}
 
     def attention_weights(self, block: nn.Module, normed: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
@@ -106,15 +108,22 @@ class ReadoutBackbone:
         for block in self.blocks:
             block.compile(dynamic=False)
 
-    def run_blocks(self, tokens: torch.Tensor, blocks: Sequence[nn.Module]) -> torch.Tensor:
-        kwargs = self.block_kwargs(tokens)
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The tokens of images ``x`` before any block, and the keyword arguments of each block call on them."""
+        tokens = self.prepare_tokens(x)
+        patch_rows, patch_cols = self.patch_embed.patch_size
+        return tokens, self.block_kwargs(tokens, (x.shape[-2] // patch_rows, x.shape[-1] // patch_cols))
+
+    @staticmethod
+    def run_blocks(tokens: torch.Tensor, blocks: Sequence[nn.Module], kwargs: dict[str, Any]) -> torch.Tensor:
         for block in blocks:
             tokens = block(tokens, **kwargs)
         return tokens
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Final-normed token outputs (B, N, D) of the remaining blocks (registers included)."""
-        return self.norm(self.run_blocks(self.prepare_tokens(x), self.blocks))
+        tokens, kwargs = self.embed(x)
+        return self.norm(self.run_blocks(tokens, self.blocks, kwargs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.readout_module(self.readout_tokens(self.tokens(x)))
@@ -122,12 +131,13 @@ class ReadoutBackbone:
     # ------------------------------------------------------------------------------------------------- retrofit
     def frozen_tokens(self, x: torch.Tensor, frozen_blocks: int) -> torch.Tensor:
         """Tokens after the embeddings and the first ``frozen_blocks`` blocks: the input of :meth:`forward_from`."""
-        return self.run_blocks(self.prepare_tokens(x), self.blocks[:frozen_blocks])
+        tokens, kwargs = self.embed(x)
+        return self.run_blocks(tokens, self.blocks[:frozen_blocks], kwargs)
 
     def forward_from(self, tokens: torch.Tensor, frozen_blocks: int) -> torch.Tensor:
         """The read-out of ``tokens`` from :meth:`frozen_tokens` (``frozen_blocks`` blocks already applied) run
         through the remaining blocks: ``forward(x) == forward_from(frozen_tokens(x, k), k)`` for every k."""
-        tokens = self.run_blocks(tokens, self.blocks[frozen_blocks:])
+        tokens = self.run_blocks(tokens, self.blocks[frozen_blocks:], self.block_kwargs(tokens, None))
         return self.readout_module(self.readout_tokens(self.norm(tokens)))
 
     def freeze_blocks(self, frozen_blocks: int) -> None:
@@ -154,9 +164,7 @@ class ReadoutBackbone:
 
     def inspect(self, x: torch.Tensor) -> TokenInspection:
         """One pass that shows where attention goes and which tokens stand out (the slot statistics use it)."""
-        tokens = self.prepare_tokens(x)
-        kwargs = self.block_kwargs(tokens)
-        tokens = self.run_blocks(tokens, self.blocks[:-1])
+        tokens, kwargs = self._before_last_block(x)
         last = self.blocks[-1]
         cls_attention = self.attention_weights(last, last.norm1(tokens), **kwargs)[:, :, 0].mean(dim=1)
         tokens = last(tokens, **kwargs)
@@ -168,23 +176,24 @@ class ReadoutBackbone:
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Self-attention (B, heads, N, N) of the last remaining transformer block."""
-        tokens = self.prepare_tokens(x)
-        kwargs = self.block_kwargs(tokens)
-        tokens = self.run_blocks(tokens, self.blocks[:-1])
+        tokens, kwargs = self._before_last_block(x)
         return self.attention_weights(self.blocks[-1], self.blocks[-1].norm1(tokens), **kwargs)
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
         """Final-normed token outputs (B, N, D) of the last ``n`` remaining blocks, oldest first."""
         if not 1 <= n <= len(self.blocks):
             raise ValueError(f"n must be in [1, {len(self.blocks)}], got {n}")
-        tokens = self.prepare_tokens(x)
-        kwargs = self.block_kwargs(tokens)
+        tokens, kwargs = self.embed(x)
         outputs = []
         for index, block in enumerate(self.blocks):
             tokens = block(tokens, **kwargs)
             if index >= len(self.blocks) - n:
                 outputs.append(self.norm(tokens))
         return outputs
+
+    def _before_last_block(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        tokens, kwargs = self.embed(x)
+        return self.run_blocks(tokens, self.blocks[:-1], kwargs), kwargs
 
 
 @dataclass

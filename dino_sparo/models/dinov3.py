@@ -8,6 +8,7 @@ Parameter names are timm's (``reg_token``, ``blocks.i.gamma_1``, ``blocks.i.attn
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -57,27 +58,24 @@ class DINOv3VisionTransformer(ReadoutBackbone, Eva):
             nn.init.trunc_normal_(self.reg_token, std=0.02)
         self.num_registers = num_registers
         self.pos_embed_interpolation = pos_embed_interpolation
-        self._grids: dict[int, tuple[int, int]] = {}
         self.attach_readout(readout, readout_options, replaced, embed_dim, num_heads, readout_sees_registers)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embed(x)  # (B, rows, cols, D): timm's dynamic size
-        batch, rows, cols, dim = patches.shape
-        # The grid of a token count, for the RoPE tables of later block calls on these tokens (forward_from).
-        self._grids[rows * cols] = (rows, cols)
+        batch, _, _, dim = patches.shape
         prefix = [self.cls_token.expand(batch, -1, -1)]
         if self.num_registers:
             prefix.append(self.reg_token.expand(batch, -1, -1))
         tokens = torch.cat([*(token.to(patches.dtype) for token in prefix), patches.reshape(batch, -1, dim)], dim=1)
         return self.norm_pre(self.pos_drop(tokens))
 
-    def block_kwargs(self, tokens: torch.Tensor) -> dict[str, Any]:
-        patches = tokens.shape[1] - self.num_prefix_tokens
-        grid = self._grids.get(patches)
-        if grid is None:
-            side = round(patches ** 0.5)
+    def block_kwargs(self, tokens: torch.Tensor, grid: tuple[int, int] | None) -> dict[str, Any]:
+        if grid is None:  # tokens alone, as forward_from gets them: the crops of training are square
+            patches = tokens.shape[1] - self.num_prefix_tokens
+            side = math.isqrt(patches)
             if side * side != patches:
-                raise ValueError(f"no grid known for {patches} patch tokens: pass images through prepare_tokens")
+                raise ValueError(f"the patch grid of {patches} tokens is not square: run the images from the start "
+                                 f"(forward) instead of forward_from")
             grid = (side, side)
         return {"rope": self.rope.get_embed(shape=list(grid))}
 
