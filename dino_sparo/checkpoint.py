@@ -1,11 +1,11 @@
 """The one reader and writer of checkpoints and other outputs.
 
-Reading: every file goes through :func:`read_checkpoint` (``torch.load(weights_only=True)``, or safetensors; one-line
-errors); :func:`read_weights` selects a sub-dict (``teacher``, ``student``, ...), strips wrapper prefixes once and
-renames official DINOv2 and timm layouts (:mod:`dino_sparo.weight_formats`), then
-:func:`load_pretrained_weights` loads a backbone leniently (start from a DINO model) or strictly (evaluate a frozen
-one), :func:`load_student_weights` adds the DINO head, and :func:`restart_from_checkpoint` (:func:`restore_state`)
-resumes training state.
+Reading: every file goes through :func:`read_checkpoint` (``torch.load(weights_only=True)``, one-line errors) or,
+for model weights in ``.safetensors``, :func:`~dino_sparo.weight_formats.read_safetensors`; :func:`read_weights`
+selects a sub-dict (``teacher``, ``student``, ...), strips wrapper prefixes once and renames official DINOv2/DINOv3
+and timm layouts (:mod:`dino_sparo.weight_formats`), then :func:`load_pretrained_weights` loads a backbone
+leniently (start from a DINO model) or strictly (evaluate a frozen one), :func:`load_student_weights` adds the DINO
+head, and :func:`restart_from_checkpoint` (:func:`restore_state`) resumes training state.
 Writing: :func:`save_atomic` writes a temporary file, fsyncs it and renames it into place
 (:mod:`dino_sparo.utils.files`), so a crash mid-write leaves the previous file intact.
 """
@@ -30,16 +30,13 @@ _HEAD_PREFIX = "head."  # the multi-crop wrapper's DINO head
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU (a ``.safetensors`` file: its tensors), with one-line
-    :class:`UserError`s for bad files.
+    """``torch.load(path, weights_only=True)`` on CPU, with one-line :class:`UserError`s for bad files.
 
     ``weights_only=True`` refuses pickled objects that could run code when unpickled.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
-    if is_safetensors(path):
-        return read_safetensors(path)[0]
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

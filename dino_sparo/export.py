@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from .errors import UserError, run_cli
 from .models.config import MODEL_FLAGS, build_pretrained_backbone
-from .utils.files import write_text_atomic
+from .utils.files import write_atomic_or_explain
 from .weight_formats import CONFIG_METADATA_KEY, SAFETENSORS_SUFFIX, config_path, save_safetensors_atomic
 
 
@@ -32,7 +32,9 @@ def export_backbone(checkpoint: str, out: str, checkpoint_key: str = "teacher") 
         raise UserError(f"cannot create {folder}: {error.strerror}") from None
     save_safetensors_atomic(model.state_dict(), {CONFIG_METADATA_KEY: json.dumps(model_config), "format": "pt"},
                             weights_path)
-    write_text_atomic(json.dumps(model_config, indent=1, sort_keys=True) + "\n", config_path(weights_path))
+    text = (json.dumps(model_config, indent=1, sort_keys=True) + "\n").encode()
+    write_atomic_or_explain(config_path(weights_path), lambda handle: handle.write(text),
+                            needed_bytes=lambda: len(text))
     return weights_path, config_path(weights_path)
 
 

@@ -50,6 +50,8 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
     try:
         with open(path, "rb") as handle:
             data = handle.read()

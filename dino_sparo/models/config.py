@@ -209,10 +209,11 @@ def build_backbone(config: Mapping[str, Any] | None = None, drop_path_rate: floa
     impossible combination is a :class:`UserError`."""
     given = {name: value for name, value in {**upgrade_saved_args(config or {}), **overrides}.items()
              if value is not None}
-    arch = ARCH_ALIASES.get(given.get("arch", MODEL_DEFAULTS["arch"]), given.get("arch", MODEL_DEFAULTS["arch"]))
+    defaults = arch_defaults(given.get("arch"))
+    arch = defaults["arch"]
     if arch not in ARCHS:
         raise UserError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
-    config = {**arch_defaults(arch), **given}
+    config = {**defaults, **given}
     kwargs = {name: config[name] for name in MODEL_FLAGS[1:]}
     try:
         backbone = DINOv3VisionTransformer if ARCHS[arch].family == "dinov3" else VisionTransformer
