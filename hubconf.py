@@ -12,40 +12,43 @@ comes back in eval mode with its gradients on.
 """
 from __future__ import annotations
 
-import os
-from typing import Any
-from urllib.parse import urlparse
+import os as _os
+from typing import Any as _Any
 
 dependencies = ["torch", "timm", "safetensors"]
+# torch.hub.list names every public callable of this module: what is not an entry point is imported under a leading
+# underscore or inside a function.
 
 
 def _local_copy(location: str) -> str:
     """A URL is downloaded once into torch.hub's cache; a path is returned as it is."""
+    from urllib.parse import urlparse
+
     if urlparse(location).scheme not in ("http", "https"):
         return location
     import torch
 
-    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(location).path))
-    if not os.path.isfile(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+    target = _os.path.join(torch.hub.get_dir(), "checkpoints", _os.path.basename(urlparse(location).path))
+    if not _os.path.isfile(target):
+        _os.makedirs(_os.path.dirname(target), exist_ok=True)
         torch.hub.download_url_to_file(location, target, progress=True)
     return target
 
 
-def _backbone(arch: str, patch_size: int, pretrained: bool | str, checkpoint_key: str, flags: dict[str, Any]):
-    from dino_sparo.models.config import build_backbone, build_pretrained_backbone, resolve_model_config
+def _backbone(arch: str, patch_size: int, pretrained: bool | str, checkpoint_key: str, flags: dict[str, _Any]):
+    from dino_sparo.models import ModelConfig, build_backbone, build_pretrained_backbone
 
     given = {"arch": arch, "patch_size": patch_size, **flags}
     if not pretrained:
-        return build_backbone(resolve_model_config(given)).eval()
+        return build_backbone(ModelConfig.resolve(given)).eval()
     if pretrained is True:
         raise ValueError("pretrained=True needs a path or URL: this project publishes no weights of its own")
-    model, _ = build_pretrained_backbone(_local_copy(os.fspath(pretrained)), checkpoint_key, given)
+    model, _ = build_pretrained_backbone(_local_copy(_os.fspath(pretrained)), checkpoint_key, given)
     return model.requires_grad_(True)
 
 
 def _entry(arch: str, patch_size: int, description: str):
-    def entry(pretrained: bool | str = False, checkpoint_key: str = "teacher", **flags: Any):
+    def entry(pretrained: bool | str = False, checkpoint_key: str = "teacher", **flags: _Any):
         return _backbone(arch, patch_size, pretrained, checkpoint_key, flags)
 
     entry.__doc__ = (f"{description} (--arch {arch} --patch_size {patch_size}), SPARO read-out by default. "

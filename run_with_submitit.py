@@ -7,22 +7,28 @@ after the job id unless ``--output_dir`` is given; a requeued job resumes from i
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 from collections.abc import Sequence
 
 import submitit
 
+from dino_sparo.cli import BARE_IS_TRUE, bool_flag
 from dino_sparo.distributed import destroy_distributed
 from dino_sparo.errors import Preempted, UserError, run_cli
+from dino_sparo.logger import setup_logging
 from dino_sparo.train import train_dino
-from dino_sparo.train.setup import validate_args
-from main_dino import get_args_parser
+from dino_sparo.train.config import parse_args as parse_training_args
+from dino_sparo.train.config import resolve_config
+from dino_sparo.train.flags import get_args_parser
 
 CODE_DIR = os.path.dirname(os.path.abspath(__file__))
+logger = logging.getLogger("dino_sparo.submitit")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """main_dino.py's flags (and ``--config`` recipe) plus the launcher's."""
     parser = get_args_parser()
     parser.description = "Submitit launcher for DINO-SPARO pretraining"
     group = parser.add_argument_group("submitit / Slurm")
@@ -30,7 +36,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--nodes", type=int, default=2, help="number of nodes")
     group.add_argument("--timeout", type=int, default=2800, help="job time limit in minutes")
     group.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's)")
-    group.add_argument("--use_volta32", action="store_true", help="request 32 GB V100s (constraint volta32gb)")
+    group.add_argument("--use_volta32", type=bool_flag, **BARE_IS_TRUE, default=False,
+                       help="request 32 GB V100s (constraint volta32gb)")
     group.add_argument("--comment", default="", help="Slurm comment, e.g. for priority requests")
     group.add_argument("--shared_dir", default=os.environ.get("DINO_SPARO_SHARED") or os.path.abspath("experiments"),
                        help="shared folder for job logs and, by default, outputs (env DINO_SPARO_SHARED)")
@@ -41,23 +48,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="submitit executor: slurm (default when available), local (subprocesses on this "
                        "machine, e.g. CPU tests) or debug (in this process)")
     parser.set_defaults(output_dir="")
-    return parser.parse_args(argv)
+    return parse_training_args(argv, parser)
 
 
 class Trainer:
-    """The submitted callable; submitit calls :meth:`checkpoint` on preemption or timeout to requeue it."""
+    """The submitted callable; submitit calls :meth:`checkpoint` on preemption or timeout to requeue it.
+
+    It carries the parsed flags, not a resolved config: defaults that depend on the machine (the device, the
+    precision) are decided on the compute node, where training runs."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
 
     def __call__(self) -> None:
-        self._setup_environment()
+        output_dir = self._setup_environment()
         try:
-            train_dino(self.args)
+            train_dino(resolve_config(argparse.Namespace(**{**vars(self.args), "output_dir": output_dir})))
         except Preempted as stop:
             # Training caught the signal, saved the current state and gave submitit's handler back: calling
             # it now requeues the job from the main task (through checkpoint() below) and exits.
-            print(stop, flush=True)
+            logger.info(str(stop), extra={"all_ranks": True})
             requeue_signal = submitit.JobEnvironment._usr_sig()
             requeue = signal.getsignal(requeue_signal)
             if callable(requeue):
@@ -69,22 +79,27 @@ class Trainer:
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         # checkpoint.pth in output_dir is what the requeued job resumes from: written at the interrupted
         # iteration when training could stop in time, else the one of the last finished epoch.
-        print(f"requeuing: training resumes from {os.path.join(self.args.output_dir, 'checkpoint.pth')}", flush=True)
+        logger.info(f"requeuing: training resumes from the checkpoint.pth in {self.args.output_dir} (%j: this job)",
+                    extra={"all_ranks": True})
         return submitit.helpers.DelayedSubmission(type(self)(self.args))
 
-    def _setup_environment(self) -> None:
+    def _setup_environment(self) -> str:
+        """Exports the process group's variables; returns the output folder, the job's id in place of %j."""
         job_env = submitit.JobEnvironment()
-        self.args.output_dir = self.args.output_dir.replace("%j", str(job_env.job_id))
         if job_env.num_tasks > 1:
             # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for env:// initialisation.
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        print(f"process {job_env.global_rank} of {job_env.num_tasks} on {job_env.hostname}", flush=True)
+        setup_logging(job_env.global_rank)
+        logger.info(f"process {job_env.global_rank} of {job_env.num_tasks} on {job_env.hostname}",
+                    extra={"all_ranks": True})
+        return self.args.output_dir.replace("%j", str(job_env.job_id))
 
 
 def submit(args: argparse.Namespace) -> submitit.Job:
-    validate_args(args)
-    if not args.output_dir:
-        args.output_dir = os.path.join(args.shared_dir, "%j")
+    """Checks the flags here (a bad value fails now, not in the queue) and submits the training job."""
+    args = argparse.Namespace(**{**vars(args), "output_dir": args.output_dir or os.path.join(args.shared_dir, "%j")})
+    # The machine's defaults (device, precision) are decided on the compute node; every other value is checked here.
+    resolve_config(argparse.Namespace(**{**vars(args), "device": "cpu", "precision": "fp32", "use_fp16": None}))
     try:
         os.makedirs(args.shared_dir, exist_ok=True)
     except OSError as error:
@@ -107,11 +122,12 @@ def submit(args: argparse.Namespace) -> submitit.Job:
         tasks_per_node=tasks_per_node, cpus_per_task=args.cpus_per_task, nodes=args.nodes,
         timeout_min=args.timeout, slurm_signal_delay_s=120, **extra)
     job = executor.submit(Trainer(args))
-    print(f"submitted job {job.job_id}; logs in {os.path.join(args.shared_dir, str(job.job_id))}", flush=True)
+    logger.info(f"submitted job {job.job_id}; logs in {os.path.join(args.shared_dir, str(job.job_id))}")
     return job
 
 
 def main(argv: Sequence[str] | None = None) -> submitit.Job:
+    setup_logging()
     return submit(parse_args(argv))
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dino_sparo.cli import positive_int, slot_list
 from dino_sparo.errors import run_cli
 from dino_sparo.eval.slot_stats import PEAKEDNESS_HELP
-from dino_sparo.models.config import add_model_args
+from dino_sparo.models.flags import add_model_args
 from dino_sparo.viz.run import DEFAULT_TOP_SLOTS, visualize
 
 

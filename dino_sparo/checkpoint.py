@@ -12,10 +12,11 @@ Writing: :func:`save_atomic` writes a temporary file, fsyncs it and renames it i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
@@ -26,6 +27,7 @@ from .errors import UserError
 from .utils.files import WriteSink, write_atomic_or_explain
 from .weight_formats import is_safetensors, read_safetensors, select_state_dict, strip_prefixes, to_project_layout
 
+logger = logging.getLogger(__name__)
 _HEAD_PREFIX = "head."  # the multi-crop wrapper's DINO head
 
 
@@ -158,7 +160,7 @@ def load_pretrained_weights(model: nn.Module, source: Weights | str | os.PathLik
                             f"{readout.name.upper()} read-out, which starts from its initialisation ({fresh} "
                             f"tensors)")
     if verbose:
-        print(f"weights from {where}:\n{report}", flush=True)
+        logger.info(f"weights from {where}:\n{report}")
     return report
 
 
@@ -195,24 +197,26 @@ def load_student_weights(student: nn.Module, path: str | os.PathLike, checkpoint
     own = student.head.state_dict()
     if any(key in own and own[key].shape != value.shape for key, value in weights.head.items()):
         if verbose:
-            print(f"head of {weights.path} not loaded: its shapes differ (another --out_dim or read-out size?)",
-                  flush=True)
+            logger.info(f"head of {weights.path} not loaded: its shapes differ (another --out_dim or read-out size?)")
         return
     report = _load_matching(student.head, weights.head, "head")
     if verbose:
-        print(f"head from {weights.path}: loaded {len(report.loaded)} tensors", flush=True)
+        logger.info(f"head from {weights.path}: loaded {len(report.loaded)} tensors")
 
 
 def restart_from_checkpoint(path: str | os.PathLike, expected_args: Mapping[str, Any] | None = None,
-                            optional: Collection[str] = (), **objects: Any) -> dict[str, Any] | None:
+                            optional: Collection[str] = (),
+                            saved_view: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+                            **objects: Any) -> dict[str, Any] | None:
     """Restores every object given by keyword (anything with ``load_state_dict``) from the entry of the same
     name in the checkpoint at ``path``; returns the checkpoint (for its ``epoch``, ``args``...), or None when
     there is no file.
 
     Modules load strictly: resuming into another architecture is a :class:`UserError`, not a silent partial
     load. With ``expected_args`` (flag name -> value of this run) the error names each flag whose value
-    differs from the checkpoint's saved ``args``. Entries named in ``optional`` may be absent (the object then
-    keeps its fresh state; the caller can tell from the returned checkpoint).
+    differs from the checkpoint's saved ``args`` (as ``saved_view`` reads them, e.g. with their defaults decided,
+    when given). Entries named in ``optional`` may be absent (the object then keeps its fresh state; the caller
+    can tell from the returned checkpoint).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -222,8 +226,9 @@ def restart_from_checkpoint(path: str | os.PathLike, expected_args: Mapping[str,
         raise UserError(f"{path} is not a training checkpoint (found {type(checkpoint).__name__})")
     saved_args = checkpoint.get("args")
     if expected_args and isinstance(saved_args, Mapping):
-        differences = [f"--{name} {saved_args[name]} (this run: {value})" for name, value in expected_args.items()
-                       if name in saved_args and _normalised(saved_args[name]) != _normalised(value)]
+        saved = saved_view(saved_args) if saved_view is not None else saved_args
+        differences = [f"--{name} {saved[name]} (this run: {value})" for name, value in expected_args.items()
+                       if name in saved and _normalised(saved[name]) != _normalised(value)]
         if differences:
             raise UserError(f"{path} was written by a run with other architecture flags: {'; '.join(differences)}. "
                             f"Pass the same flags to resume it, or use another --output_dir to start afresh")
@@ -259,15 +264,15 @@ def _normalised(value: Any) -> Any:
 @dataclass
 class ResumePoint:
     """Where a resumed run starts: ``epoch`` (the next one to run) and, inside a preempted epoch, ``iteration``
-    and ``samples_done`` (of the epoch's sample order, by all processes together); ``world_size``: the number of
-    processes that wrote the checkpoint. The last two are None in checkpoints that predate them.
-    ``log_record``: the ``log.txt`` record of the epoch the checkpoint ends (None for a preempted epoch and in
-    older checkpoints), so that a run killed between its checkpoint and its log line can still log that epoch."""
+    and ``samples_done`` (of the epoch's sample order, by all processes together; 0 after a whole epoch);
+    ``world_size``: the number of processes that wrote the checkpoint. ``log_record``: the ``log.txt`` record of
+    the epoch the checkpoint ends (None for a preempted epoch), so that a run killed between its checkpoint and its
+    log line can still log that epoch."""
     epoch: int
     iteration: int
+    samples_done: int
+    world_size: int
     scaler_restored: bool
-    samples_done: int | None = None
-    world_size: int | None = None
     log_record: dict[str, Any] | None = None
 
 
@@ -299,19 +304,22 @@ class TrainState:
             state["log_record"] = json.loads(json.dumps(dict(log_record)))  # plain types: weights_only loads it
         save_atomic(state, path)
 
-    def resume(self, path: str | os.PathLike, expected_args: Mapping[str, Any]) -> ResumePoint | None:
+    def resume(self, path: str | os.PathLike, expected_args: Mapping[str, Any],
+               saved_view: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None) -> ResumePoint | None:
         """Restores every part from ``path``; None when there is no checkpoint there (see
         :func:`restart_from_checkpoint` for the checks)."""
-        checkpoint = restart_from_checkpoint(path, expected_args, optional=("fp16_scaler",), student=self.student,
+        checkpoint = restart_from_checkpoint(path, expected_args, optional=("fp16_scaler",), saved_view=saved_view,
+                                             student=self.student,
                                              teacher=self.teacher, optimizer=self.optimizer,
                                              dino_loss=self.dino_loss, fp16_scaler=self.fp16_scaler)
         if checkpoint is None:
             return None
-        optional_int = {name: int(checkpoint[name]) if name in checkpoint else None
-                        for name in ("samples_done", "world_size")}
+        if "world_size" not in checkpoint:
+            raise UserError(f"{path} records no world_size: it is not a training checkpoint of this project that "
+                            f"can be resumed; use another --output_dir (or --init_from it)")
         return ResumePoint(int(checkpoint["epoch"]), int(checkpoint.get("iteration", 0)),
-                           checkpoint.get("fp16_scaler") is not None, **optional_int,
-                           log_record=checkpoint.get("log_record"))
+                           int(checkpoint.get("samples_done", 0)), int(checkpoint["world_size"]),
+                           checkpoint.get("fp16_scaler") is not None, log_record=checkpoint.get("log_record"))
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:

@@ -9,8 +9,17 @@ import tempfile
 from .errors import UserError
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Prints each flag's default after its help, except a default of None: that one is decided later, from other
+    flags or the machine, and the help says how."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def bool_flag(value: str | bool) -> bool:
-    """argparse type for ``--flag true|false`` (also on/off, yes/no, 1/0)."""
+    """argparse type for ``--flag true|false`` (also on/off, yes/no, 1/0); with :data:`BARE_IS_TRUE` the bare
+    ``--flag`` means true, as in DINO's ``--use_fp16 true`` and the usual ``--compile``."""
     if isinstance(value, bool):
         return value
     lowered = value.lower()
@@ -19,6 +28,10 @@ def bool_flag(value: str | bool) -> bool:
     if lowered in {"false", "off", "no", "0"}:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+# add_argument(..., type=bool_flag, **BARE_IS_TRUE): ``--flag`` alone is ``--flag true``.
+BARE_IS_TRUE = {"nargs": "?", "const": True, "metavar": "BOOL"}
 
 
 def _integer_at_least(value: str, minimum: int, what: str = "an integer") -> int:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 
 from .errors import UserError, run_cli
-from .models.config import MODEL_FLAGS, build_pretrained_backbone
+from .models.factory import build_pretrained_backbone
 from .utils.files import write_atomic_or_explain
 from .weight_formats import CONFIG_METADATA_KEY, SAFETENSORS_SUFFIX, config_path, save_safetensors_atomic
 
@@ -24,7 +24,7 @@ def export_backbone(checkpoint: str, out: str, checkpoint_key: str = "teacher") 
     it; returns both paths. Every tensor must load (as for an evaluation), so a partial export cannot happen."""
     weights_path = out if out.endswith(SAFETENSORS_SUFFIX) else out + SAFETENSORS_SUFFIX
     model, config = build_pretrained_backbone(checkpoint, checkpoint_key, {})
-    model_config = {name: config[name] for name in MODEL_FLAGS}
+    model_config = config.flags()
     folder = os.path.dirname(os.path.abspath(weights_path))
     try:
         os.makedirs(folder, exist_ok=True)

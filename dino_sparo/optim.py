@@ -1,7 +1,6 @@
 """Parameter groups, optimizers and the gradient/EMA operations of a DINO step."""
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -9,20 +8,19 @@ import torch
 from torch import nn
 
 
-def get_params_groups(model: nn.Module, config: argparse.Namespace | Mapping[str, Any] | None = None) -> list[dict]:
+def get_params_groups(model: nn.Module, readout_options: Mapping[str, Any] | None = None) -> list[dict]:
     """DINO's groups: weights (decayed, ``regularized``; group 0) and biases / 1-D parameters (no decay).
 
     The read-out of each backbone in ``model`` has the last word on its own parameters
-    (:meth:`~dino_sparo.models.readouts.Readout.parameter_group`, given the run's ``config``): a learning-rate
-    multiplier other than 1 puts them in groups of their own (``lr_mult``), and it may exempt some from decay.
-    Without ``config``, or with the read-outs' defaults, these are exactly the reference's two groups.
+    (:meth:`~dino_sparo.models.readouts.Readout.parameter_group`, given the run's ``readout_options``, those of a
+    :class:`~dino_sparo.models.ModelConfig`): a learning-rate multiplier other than 1 puts them in groups of their
+    own (``lr_mult``), and it may exempt some from decay. Without options, or with the read-outs' defaults, these
+    are exactly the reference's two groups.
     """
-    from .models.backbone import READOUT_OPTION_DEFAULTS
     from .models.readouts import Readout
 
     rules: dict[str, Any] = {}  # parameter name -> (the read-out that owns it, its name there)
-    if config is not None:
-        config = {**READOUT_OPTION_DEFAULTS, **(vars(config) if isinstance(config, argparse.Namespace) else config)}
+    if readout_options is not None:
         for module_name, module in model.named_modules():
             if isinstance(module, Readout):
                 for name, _ in module.named_parameters():
@@ -34,15 +32,15 @@ def get_params_groups(model: nn.Module, config: argparse.Namespace | Mapping[str
         lr_mult, decayed = 1.0, None
         if name in rules:
             readout, own_name = rules[name]
-            lr_mult, decayed = readout.parameter_group(config, own_name, param)
+            lr_mult, decayed = readout.parameter_group(readout_options, own_name, param)
         if decayed is None:
             decayed = not (name.endswith(".bias") or param.ndim == 1)
         groups.setdefault((lr_mult, decayed), []).append(param)
     result = [{"params": groups.pop((1.0, True), []), "regularized": True},
-              {"params": groups.pop((1.0, False), []), "weight_decay": 0.0}]
+              {"params": groups.pop((1.0, False), []), "regularized": False, "weight_decay": 0.0}]
     for (lr_mult, decayed), params in sorted(groups.items(), key=lambda item: (item[0][0], not item[0][1])):
         group = {"params": params, "lr_mult": lr_mult}
-        group.update({"regularized": True} if decayed else {"weight_decay": 0.0})
+        group.update({"regularized": True} if decayed else {"regularized": False, "weight_decay": 0.0})
         result.append(group)
     return result
 

@@ -7,12 +7,12 @@ import torch
 from dino_sparo.distributed import destroy_distributed, get_rank, get_world_size
 from dino_sparo.loss import DINOLoss
 from dino_sparo.train import train_dino
-from main_dino import parse_args
+from dino_sparo.train.config import parse_config
 
 
 def main() -> None:
     out = sys.argv[-1]
-    result = train_dino(parse_args(sys.argv[1:-1]))
+    result = train_dino(parse_config(sys.argv[1:-1]))
     rank = get_rank()
     probe = DINOLoss(8, 2, 0.04, 0.04, 0, 1)
     probe.update_center(torch.arange(8.0).repeat(4, 1) + rank)  # rank r contributes rows arange(8) + r

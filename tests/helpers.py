@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 from dino_sparo.errors import run_cli
-from dino_sparo.models import MODEL_DEFAULTS, DINOHead, MultiCropWrapper, build_backbone
+from dino_sparo.models import DINOHead, ModelConfig, MultiCropWrapper, build_backbone
+from dino_sparo.train.config import TrainConfig, parse_config
 from dino_sparo.utils.processes import free_port as free_port  # process control, re-exported for the tests
-from dino_sparo.utils.processes import kill_tree, run_with_timeout
+from dino_sparo.utils.processes import kill_tree as kill_tree
+from dino_sparo.utils.processes import run_with_timeout
 from dino_sparo.utils.processes import wait_until as wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,15 +43,18 @@ def make_images(folder, count: int = 12, size: int = 40) -> str:
     return str(folder)
 
 
-def tiny_args(data, out, *extra):
-    """main_dino.py's parsed arguments for a tiny run on ``data`` writing to ``out``."""
-    from main_dino import parse_args
-
-    return parse_args(TINY + ["--data_path", str(data), "--output_dir", str(out), *map(str, extra)])
+def tiny_config(data, out, *extra) -> TrainConfig:
+    """main_dino.py's config for a tiny run on ``data`` writing to ``out``."""
+    return parse_config(TINY + ["--data_path", str(data), "--output_dir", str(out), *map(str, extra)])
 
 
-TINY_MODEL = dict(MODEL_DEFAULTS, arch="vit_tiny", patch_size=8, depth=3, readout="sparo", sparo_slots=6,
-                  sparo_slot_dim=16)
+# Model flags of a tiny SPARO model (the rest take their defaults).
+TINY_MODEL = dict(arch="vit_tiny", patch_size=8, depth=3, readout="sparo", sparo_slots=6, sparo_slot_dim=16)
+
+
+def backbone_of(**flags: Any):
+    """A freshly initialised backbone of these model flags (the rest take their defaults)."""
+    return build_backbone(ModelConfig.resolve(flags))
 
 
 def make_image_folder(root: str, counts: dict[str, dict[int, int]], size: int = 32, seed: int = 0,
@@ -84,16 +89,16 @@ def spread(classes: int, total: int) -> dict[int, int]:
 
 def write_main_dino_checkpoint(path: str, seed: int = 0, **model_overrides: Any) -> dict[str, Any]:
     """A checkpoint in main_dino.py's format (student/teacher MultiCropWrapper state dicts, plain-dict args)."""
-    config = dict(TINY_MODEL, **model_overrides)
+    config = ModelConfig.resolve({**TINY_MODEL, **model_overrides}).flags()
     torch.manual_seed(seed)
-    backbone = build_backbone(config)
+    backbone = build_backbone(ModelConfig.resolve(config))
     teacher = MultiCropWrapper(backbone, DINOHead(backbone.feature_dim, 256, hidden_dim=64, bottleneck_dim=32))
     student_state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
                      for k, v in teacher.state_dict().items()}
     args = dict(config, out_dim=256, lr=0.0005, epochs=1, data_path="/nowhere", output_dir=os.path.dirname(path),
                 global_crops_scale=[0.4, 1.0])
     checkpoint = {"student": student_state, "teacher": teacher.state_dict(),
-                  "optimizer": {"state": {}, "param_groups": []}, "epoch": 1, "args": args,
+                  "optimizer": {"state": {}, "param_groups": []}, "epoch": 1, "args": args, "world_size": 1,
                   "dino_loss": {"center": torch.zeros(1, 256)}}
     torch.save(checkpoint, path)
     return config
@@ -125,9 +130,6 @@ def environment(fault: str | None = None, fault_rank: int | None = None, fault_o
             env["DINO_SPARO_FAULT_ONCE"] = fault_once
     return env
 
-
-# The fault tests' name for it: kill_tree of a process leading its own group also kills the group.
-kill_group = kill_tree
 
 
 def run(command: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

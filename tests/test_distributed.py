@@ -4,13 +4,13 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import ROOT, TINY, free_port, make_images, run, tiny_args
+from helpers import ROOT, TINY, free_port, make_images, run, tiny_config
 
 from dino_sparo.data import DataAugmentationDINO
 from dino_sparo.data.datasets import ImageDataset, ResumableDistributedSampler
 from dino_sparo.distributed import DistributedContext, init_distributed, is_dist_initialized
-from dino_sparo.train.setup import build_models
-from main_dino import parse_args
+from dino_sparo.train.build import build_models
+from dino_sparo.train.config import parse_args
 
 
 def test_local_rank_spellings_and_single_process(monkeypatch):
@@ -47,11 +47,8 @@ def test_two_processes_gloo_keep_identical_teachers(tmp_path):
 
 def _steps(rank: int, world_size: int, port: int, crops: list[list[torch.Tensor]], out: str) -> None:
     """Two training steps of a tiny model on this rank's share of every crop batch; saves the result."""
-    from dino_sparo.loss import DINOLoss
-    from dino_sparo.optim import build_optimizer, get_params_groups
+    from dino_sparo.train.build import build_training
     from dino_sparo.train.schedules import build_schedules
-    from dino_sparo.train.setup import build_models, wrap_for_distributed
-    from dino_sparo.train.step import TrainStep
 
     if world_size > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -59,18 +56,16 @@ def _steps(rank: int, world_size: int, port: int, crops: list[list[torch.Tensor]
     batch = crops[0][0].shape[0] // world_size
     # SGD and no drop path: the comparison is then exact up to float summation order (AdamW's first step is
     # sign(gradient), which rounding can flip for gradients near zero).
-    args = tiny_args("unused", "unused", "--optimizer", "sgd", "--drop_path_rate", "0", "--warmup_epochs", "0",
+    args = tiny_config("unused", "unused", "--optimizer", "sgd", "--drop_path_rate", "0", "--warmup_epochs", "0",
                      "--freeze_last_layer", "0", "--batch_size_per_gpu", batch, "--precision", "fp32",
                      "--epochs", "1", "--lr", "0.5")
     torch.manual_seed(0)
     context = DistributedContext(rank, world_size, rank, torch.device("cpu"))
-    student, module, teacher = wrap_for_distributed(*build_models(args, context.device), args, context)
-    dino_loss = DINOLoss(args.out_dim, 4, args.warmup_teacher_temp, args.teacher_temp, 0, args.epochs)
-    optimizer = build_optimizer(args.optimizer, get_params_groups(module), context.device)
+    step = build_training(args, context)
+    module, teacher, dino_loss = step.student_module, step.teacher, step.dino_loss
     schedules = build_schedules(args, len(crops), world_size)
-    step = TrainStep(args, student, module, teacher, dino_loss, optimizer, None, "fp32", context.device)
     for iteration, batch_crops in enumerate(crops):
-        schedules.apply(optimizer, iteration)
+        schedules.apply(step.optimizer, iteration)
         step([crop[rank * batch:(rank + 1) * batch] for crop in batch_crops], 0, float(schedules.momentum[iteration]))
     if rank == 0:
         torch.save({"student": module.state_dict(), "teacher": teacher.state_dict(), "center": dino_loss.center,
@@ -89,7 +84,7 @@ def test_two_processes_of_half_batches_step_like_one_process_of_the_whole_batch(
     mp.spawn(_steps, args=(2, free_port(), crops, str(tmp_path / "two.pt")), nprocs=2, join=True)
     one, two = (torch.load(tmp_path / name, weights_only=False) for name in ("one.pt", "two.pt"))
     assert one["lr"] == two["lr"] > 0  # 0.5 x 4 / 256 either way
-    initial, _ = build_models(tiny_args("u", "u", "--drop_path_rate", "0"), torch.device("cpu"))
+    initial, _ = build_models(tiny_config("u", "u", "--drop_path_rate", "0"), torch.device("cpu"))
     moved = [name for name, value in initial.state_dict().items() if not torch.equal(one["student"][name], value)]
     assert len(moved) > 10  # the steps changed the weights, so equality below is not trivial
     for part in ("student", "teacher"):

@@ -29,11 +29,11 @@ def exported(tmp_path):
 
 def test_an_export_holds_the_teacher_backbone_and_its_config(exported):
     checkpoint, weights = exported
-    teacher, config = build_pretrained_backbone(str(checkpoint), "teacher", {}, log=None)
+    teacher, config = build_pretrained_backbone(str(checkpoint), "teacher", {}, verbose=False)
     assert load_file(str(weights)).keys() == teacher.state_dict().keys()
     saved = json.loads((weights.parent / "teacher.json").read_text())
-    assert saved["arch"] == TINY_MODEL["arch"] and saved["sparo_slots"] == 5 and saved["depth"] == config["depth"]
-    exported_model, exported_config = build_pretrained_backbone(str(weights), "teacher", {}, log=None)
+    assert saved["arch"] == TINY_MODEL["arch"] and saved["sparo_slots"] == 5 and saved["depth"] == config.depth
+    exported_model, exported_config = build_pretrained_backbone(str(weights), "teacher", {}, verbose=False)
     assert exported_config == config
     torch.testing.assert_close(features(exported_model), features(teacher), atol=0, rtol=0)
 
@@ -43,8 +43,8 @@ def test_the_json_beside_a_safetensors_file_gives_its_config(exported, tmp_path)
     bare = tmp_path / "bare.safetensors"
     save_file(load_file(str(weights)), str(bare))  # no metadata
     (tmp_path / "bare.json").write_text((weights.parent / "teacher.json").read_text())
-    _, config = build_pretrained_backbone(str(bare), "teacher", {}, log=None)
-    assert config["sparo_slots"] == 5
+    _, config = build_pretrained_backbone(str(bare), "teacher", {}, verbose=False)
+    assert config.readout_options["sparo_slots"] == 5
 
 
 def test_torch_hub_builds_our_models_and_reads_exports_and_checkpoints(exported):
@@ -53,13 +53,15 @@ def test_torch_hub_builds_our_models_and_reads_exports_and_checkpoints(exported)
     entry_points = {name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")}
     assert {"dino_sparo_vits16", "dino_sparo_vitb16", "dino_sparo_vits14_dinov2",
             "dino_sparo_vitg14_reg_dinov2", "dino_sparo_vitl16_dinov3"} <= entry_points
+    # torch.hub.list shows these names: nothing but the entry points (no imported helpers such as Any or urlparse)
+    assert all(name.startswith("dino_sparo_") for name in entry_points), sorted(entry_points)
     fresh = torch.hub.load(ROOT, "dino_sparo_vits16", source="local", depth=2)
     assert fresh.readout == "sparo" and len(fresh.blocks) == 1 and not fresh.training
     dinov2 = torch.hub.load(ROOT, "dino_sparo_vits14_reg_dinov2", source="local", depth=2, readout="cls")
     assert dinov2.num_registers == 4 and dinov2.patch_embed.patch_size == (14, 14)
     dinov3 = torch.hub.load(ROOT, "dino_sparo_vits16_dinov3", source="local", depth=2)
     assert dinov3.num_registers == 4 and dinov3(torch.randn(1, 3, 32, 32)).shape == (1, dinov3.feature_dim)
-    reference, _ = build_pretrained_backbone(str(checkpoint), "teacher", {}, log=None)
+    reference, _ = build_pretrained_backbone(str(checkpoint), "teacher", {}, verbose=False)
     tiny = {"depth": TINY_MODEL["depth"], "sparo_slot_dim": TINY_MODEL["sparo_slot_dim"]}
     for source in (weights, checkpoint):
         model = torch.hub.load(ROOT, "dino_sparo_vits16", source="local", pretrained=str(source), arch="vit_tiny",

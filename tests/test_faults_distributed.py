@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, TINY, TORCHRUN, environment, free_port, kill_group, make_images, read, run
+from helpers import ROOT, TINY, TORCHRUN, environment, free_port, kill_tree, make_images, read, run
 
 MAIN = os.path.join(ROOT, "main_dino.py")
 
@@ -47,7 +47,7 @@ def test_one_rank_failing_without_a_launcher_ends_the_other(tmp_path):
         codes = [process.wait(timeout=180) for process in processes]
     finally:
         for process in processes:
-            kill_group(process)
+            kill_tree(process)
         for handle in logs:
             handle.close()
     assert codes[1] != 0 and "injected fault" in read(str(tmp_path / "rank1.err"))

@@ -17,7 +17,7 @@ from helpers import (
     run,
     script,
     temporaries,
-    tiny_args,
+    tiny_config,
     wait_until,
 )
 
@@ -93,7 +93,7 @@ def test_sigterm_saves_the_current_iteration_and_the_rerun_resumes_there(tmp_pat
 def test_non_finite_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path):
     data = make_images(tmp_path / "data", count=8)
     out = tmp_path / "out"
-    train_dino(tiny_args(data, out, "--epochs", "1"))
+    train_dino(tiny_config(data, out, "--epochs", "1"))
     before = (out / "checkpoint.pth").read_bytes()
     completed = run([*script("main_dino.py"), *TINY, "--data_path", data, "--output_dir", out, "--epochs", "2",
                      "--lr", "1e30"], timeout=180)
@@ -112,7 +112,7 @@ def test_corrupt_truncated_empty_and_non_image_files_are_skipped_and_counted(tmp
            "009_corrupt.jpg": b"\xff\xd8\xff\xe0" + os.urandom(200)}
     for name, payload in bad.items():
         (tmp_path / "data" / name).write_bytes(payload)
-    result = train_dino(tiny_args(data, tmp_path / "out", "--epochs", "1"))  # 16 files, 4 batches: all visited
+    result = train_dino(tiny_config(data, tmp_path / "out", "--epochs", "1"))  # 16 files, 4 batches: all visited
     assert result.epoch_stats[0]["skipped_images"] >= len(bad)
     captured = capsys.readouterr()
     for name in bad:

@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import backbone_of
 
 from dino_sparo.checkpoint import load_pretrained_weights
 from dino_sparo.errors import UserError
-from dino_sparo.models import SPARO, DINOHead, MultiCropWrapper, build_backbone, vit_small, vit_tiny
+from dino_sparo.models import SPARO, DINOHead, MultiCropWrapper, vit_small, vit_tiny
 
 
 def reference_sparo(sparo: SPARO, tokens: torch.Tensor):
@@ -155,7 +156,7 @@ def test_state_dict_round_trip(tmp_path):
 
 
 def test_dino_format_checkpoint_loads_with_report(tmp_path, capsys):
-    dino_backbone = build_backbone(arch="vit_tiny", depth=4, readout="cls")
+    dino_backbone = backbone_of(arch="vit_tiny", depth=4, readout="cls")
     old_head = torch.nn.Linear(256, 32, bias=False)
     with pytest.warns(FutureWarning):  # the deprecated API is what wrote reference checkpoints
         old_head = torch.nn.utils.weight_norm(old_head)
@@ -165,7 +166,7 @@ def test_dino_format_checkpoint_loads_with_report(tmp_path, capsys):
     student = {f"module.{k}": v for k, v in teacher.items()}
     torch.save({"teacher": teacher, "student": student, "epoch": 3}, tmp_path / "dino.pth")
 
-    model = build_backbone(arch="vit_tiny", depth=4, readout="sparo", sparo_slots=4, sparo_slot_dim=8)
+    model = backbone_of(arch="vit_tiny", depth=4, readout="sparo", sparo_slots=4, sparo_slot_dim=8)
     sparo_before = model.sparo.key_proj.weight.clone()
     report = load_pretrained_weights(model, tmp_path / "dino.pth", "teacher")
     printed = capsys.readouterr().out
@@ -177,13 +178,13 @@ def test_dino_format_checkpoint_loads_with_report(tmp_path, capsys):
     assert torch.equal(model.sparo.key_proj.weight, sparo_before)
     assert "dropped block(s) 3" in printed and "SPARO" in printed and "head" in printed
 
-    student_model = build_backbone(arch="vit_tiny", depth=4, readout="cls")
+    student_model = backbone_of(arch="vit_tiny", depth=4, readout="cls")
     load_pretrained_weights(student_model, tmp_path / "dino.pth", "student", verbose=False)
     torch.testing.assert_close(student_model.norm.weight, dino_backbone.norm.weight)
 
     with pytest.raises(UserError, match="has no key 'ema'.*student, teacher"):
         load_pretrained_weights(model, tmp_path / "dino.pth", "ema")
-    wrong = build_backbone(arch="vit_small", depth=4, readout="cls")
+    wrong = backbone_of(arch="vit_small", depth=4, readout="cls")
     with pytest.raises(UserError, match="does not match"):
         load_pretrained_weights(wrong, tmp_path / "dino.pth", "teacher")
 
@@ -246,11 +247,11 @@ def test_cls_token_starts_as_dino_does():
 
 
 def test_deit_arch_aliases_and_unsupported_archs():
-    from main_dino import parse_args
+    from dino_sparo.train.config import parse_args
 
     assert parse_args(["--arch", "deit_small"]).arch == "vit_small"
     assert parse_args(["--arch", "deit_tiny"]).arch == "vit_tiny"
-    assert build_backbone(arch="deit_tiny", depth=2).embed_dim == 192
+    assert backbone_of(arch="deit_tiny", depth=2).embed_dim == 192
     with pytest.raises(SystemExit):
         parse_args(["--arch", "xcit_small_12_p16"])
 
@@ -261,7 +262,7 @@ def test_reference_named_head_loads_through_init_from_and_computes_dinos_head(tm
     the head then computes DINO's: MLP with GELU, L2 normalisation, a linear layer of weight g * v / ||v||."""
     from dino_sparo.checkpoint import load_student_weights
 
-    backbone = build_backbone(arch="vit_tiny", depth=2, readout="cls")
+    backbone = backbone_of(arch="vit_tiny", depth=2, readout="cls")
     generator = torch.Generator().manual_seed(3)
     mlp = {"mlp.0.weight": torch.randn(32, 192, generator=generator) * 0.05, "mlp.0.bias": torch.randn(32) * 0.1,
            "mlp.2.weight": torch.randn(32, 32, generator=generator) * 0.1, "mlp.2.bias": torch.randn(32) * 0.1,
@@ -273,7 +274,7 @@ def test_reference_named_head_loads_through_init_from_and_computes_dinos_head(tm
     student_state |= {f"module.head.{k}": v for k, v in head_state.items()}
     torch.save({"student": student_state, "epoch": 100}, tmp_path / "dino_reference.pth")
 
-    student = MultiCropWrapper(build_backbone(arch="vit_tiny", depth=2, readout="cls"),
+    student = MultiCropWrapper(backbone_of(arch="vit_tiny", depth=2, readout="cls"),
                                DINOHead(192, 64, norm_last_layer=False, hidden_dim=32, bottleneck_dim=16))
     load_student_weights(student, tmp_path / "dino_reference.pth", "student", verbose=False)
     for name, value in backbone.state_dict().items():

@@ -6,12 +6,12 @@ import re
 import pytest
 import timm
 import torch
-from helpers import make_images, tiny_args
+from helpers import backbone_of, make_images, tiny_config
 from safetensors.torch import save_file
 
 from dino_sparo.checkpoint import load_pretrained_weights, read_weights, save_atomic
 from dino_sparo.errors import UserError
-from dino_sparo.models import build_backbone, build_pretrained_backbone
+from dino_sparo.models import build_pretrained_backbone
 from dino_sparo.train import train_dino
 
 # (our arch, timm's model, timm's depth): depths cut to keep the test fast.
@@ -67,7 +67,7 @@ def swiglu_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def ours(arch: str, depth: int, path, **flags) -> torch.nn.Module:
-    model = build_backbone({"arch": arch, "depth": depth, "readout": "cls", "pos_embed_interpolation": "timm",
+    model = backbone_of(**{"arch": arch, "depth": depth, "readout": "cls", "pos_embed_interpolation": "timm",
                             **flags}).eval()
     load_pretrained_weights(model, path, checkpoint_key=None, strict=True, verbose=False)
     return model
@@ -109,7 +109,7 @@ def test_safetensors_weights_load_like_the_pth_file(tmp_path):
 def test_the_architecture_is_inferred_from_official_weights(tmp_path, capsys):
     torch.save(official_layout(timm_model("vit_small_patch14_reg4_dinov2", 2).state_dict()), tmp_path / "w.pth")
     model, config = build_pretrained_backbone(str(tmp_path / "w.pth"), "teacher", {})
-    assert (config["arch"], config["patch_size"], config["depth"], config["num_registers"], config["readout"]) == \
+    assert (config.arch, config.patch_size, config.depth, config.num_registers, config.readout) == \
         ("dinov2_vits14_reg", 14, 2, 4, "cls")
     out = capsys.readouterr().out
     assert "unused from the checkpoint: mask_token" in out and "register_tokens loaded as reg_token" in out
@@ -119,7 +119,7 @@ def test_the_architecture_is_inferred_from_official_weights(tmp_path, capsys):
 def test_a_load_prints_what_was_renamed(tmp_path, capsys):
     torch.save(official_layout(timm_model("vit_small_patch14_reg4_dinov2", 2).state_dict(), chunks=2),
                tmp_path / "w.pth")
-    model = build_backbone({"arch": "dinov2_vits14_reg", "depth": 2, "readout": "cls"})
+    model = backbone_of(**{"arch": "dinov2_vits14_reg", "depth": 2, "readout": "cls"})
     report = load_pretrained_weights(model, tmp_path / "w.pth", checkpoint_key=None)
     out = capsys.readouterr().out
     assert "register_tokens loaded as reg_token" in out and "chunked blocks" in out
@@ -129,7 +129,7 @@ def test_a_load_prints_what_was_renamed(tmp_path, capsys):
 def test_dinov2_weights_into_a_dino_vit_are_a_one_line_error(tmp_path):
     weights = timm_model("vit_small_patch14_dinov2", 2).state_dict()
     torch.save(weights, tmp_path / "w.pth")
-    model = build_backbone({"arch": "vit_small", "patch_size": 14, "depth": 2, "readout": "cls"})
+    model = backbone_of(**{"arch": "vit_small", "patch_size": 14, "depth": 2, "readout": "cls"})
     with pytest.raises(UserError, match=r"pos_embed has shape \(1, 1370, 384\).*dinov2_\* for DINOv2 weights"):
         load_pretrained_weights(model, tmp_path / "w.pth", checkpoint_key=None)
     del weights["pos_embed"]  # as if the grids matched: the blocks still differ
@@ -138,11 +138,11 @@ def test_dinov2_weights_into_a_dino_vit_are_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match=f"another block architecture.*unused {layer_scale}") as error:
         load_pretrained_weights(model, tmp_path / "w.pth", checkpoint_key=None)
     assert "\n" not in str(error.value)
-    dino = build_backbone({"arch": "vit_small", "patch_size": 14, "depth": 2, "readout": "cls"}).state_dict()
+    dino = backbone_of(**{"arch": "vit_small", "patch_size": 14, "depth": 2, "readout": "cls"}).state_dict()
     del dino["pos_embed"]
     save_atomic({"teacher": dino}, tmp_path / "dino.pth")
     with pytest.raises(UserError, match=r"another block architecture.*missing blocks\.\*\.ls1\.gamma"):
-        load_pretrained_weights(build_backbone({"arch": "dinov2_vits14", "depth": 2, "readout": "cls"}),
+        load_pretrained_weights(backbone_of(**{"arch": "dinov2_vits14", "depth": 2, "readout": "cls"}),
                                 tmp_path / "dino.pth")
 
 
@@ -184,7 +184,7 @@ def test_dinov3_cls_features_equal_timms_from_timm_and_official_weights(tmp_path
 
 def test_dinov3_attention_weights_are_the_ones_its_blocks_use():
     """The RoPE attention that inspection and the attention maps show reproduces the block's own attention output."""
-    model = build_backbone({"arch": "dinov3_vits16", "depth": 2, "readout": "sparo"}).eval()
+    model = backbone_of(**{"arch": "dinov3_vits16", "depth": 2, "readout": "sparo"}).eval()
     tokens, kwargs = model.embed(torch.randn(2, 3, 48, 64))
     block = model.blocks[0]
     normed = block.norm1(tokens)
@@ -201,8 +201,8 @@ def test_dinov3_attention_weights_are_the_ones_its_blocks_use():
 
 def test_the_dinov3_architecture_is_inferred_from_official_weights(tmp_path):
     torch.save(official_dinov3_layout(timm_model("vit_small_patch16_dinov3_qkvb", 2).state_dict()), tmp_path / "w.pth")
-    model, config = build_pretrained_backbone(str(tmp_path / "w.pth"), "teacher", {}, log=None)
-    assert (config["arch"], config["patch_size"], config["depth"], config["num_registers"], config["readout"]) == \
+    model, config = build_pretrained_backbone(str(tmp_path / "w.pth"), "teacher", {}, verbose=False)
+    assert (config.arch, config.patch_size, config.depth, config.num_registers, config.readout) == \
         ("dinov3_vits16", 16, 2, 4, "cls")
     unmasked = torch.load(tmp_path / "w.pth", weights_only=True)
     del unmasked["blocks.0.attn.qkv.bias_mask"]  # its random key bias is then really used: not a DINOv3 model
@@ -214,7 +214,7 @@ def test_the_dinov3_architecture_is_inferred_from_official_weights(tmp_path):
 def test_registers_the_model_lacks_and_the_transformers_layout_are_one_line_errors(tmp_path):
     torch.save(official_layout(timm_model("vit_small_patch14_reg4_dinov2", 2).state_dict()), tmp_path / "reg.pth")
     with pytest.raises(UserError, match=r"unused reg_token; .*registers: a _reg one"):
-        load_pretrained_weights(build_backbone({"arch": "dinov2_vits14", "depth": 2, "readout": "cls"}),
+        load_pretrained_weights(backbone_of(**{"arch": "dinov2_vits14", "depth": 2, "readout": "cls"}),
                                 tmp_path / "reg.pth", checkpoint_key=None)
     torch.save({"embeddings.cls_token": torch.zeros(1, 1, 8), "encoder.layer.0.norm1.weight": torch.ones(8)},
                tmp_path / "hf.pth")
@@ -246,7 +246,7 @@ def test_sparo_retrofits_onto_frozen_official_blocks(tmp_path, capsys, arch, tim
     format."""
     official = layout(timm_model(timm_name, 3).state_dict())
     torch.save(official, tmp_path / "pretrain.pth")
-    result = train_dino(tiny_args(make_images(tmp_path / "data", count=8, size=64), tmp_path / "out",
+    result = train_dino(tiny_config(make_images(tmp_path / "data", count=8, size=64), tmp_path / "out",
                                   "--arch", arch, "--depth", "3", "--patch_size", patch, "--readout", "sparo",
                                   "--global_crop_size", 2 * patch, "--local_crop_size", patch, "--epochs", "2",
                                   "--init_from", tmp_path / "pretrain.pth", "--freeze_blocks", "all"))

@@ -3,12 +3,13 @@ round trip, architecture inference from the weights alone, training, eval_knn.py
 read-out has attention maps) visualize_sparo.py and the slot statistics. A new read-out is covered by adding it
 to the registry."""
 import json
+import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import balanced, make_image_folder, make_images, tiny_args
+from helpers import ROOT, backbone_of, balanced, make_image_folder, make_images, tiny_config
 
 import eval_knn
 import eval_linear
@@ -16,28 +17,34 @@ import visualize_sparo
 from dino_sparo.checkpoint import TrainState, read_checkpoint
 from dino_sparo.data.datasets import ImageDataset
 from dino_sparo.data.transforms import eval_transform
-from dino_sparo.models import MODEL_DEFAULTS, READOUTS, DINOHead, MultiCropWrapper, build_backbone
-from dino_sparo.models.config import build_pretrained_backbone, resolve_model_config
+from dino_sparo.models import (
+    READOUTS,
+    DINOHead,
+    ModelConfig,
+    MultiCropWrapper,
+    build_backbone,
+    build_pretrained_backbone,
+)
 from dino_sparo.optim import get_params_groups
 from dino_sparo.train import train_dino
 
 NAMES = list(READOUTS)
-TINY = dict(MODEL_DEFAULTS, arch="vit_tiny", patch_size=8, depth=3, sparo_slots=4, sparo_slot_dim=8)
+TINY = dict(arch="vit_tiny", patch_size=8, depth=3, sparo_slots=4, sparo_slot_dim=8)
 EVAL_SIZES = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "16"]
 
 
 def tiny_model(name: str, **overrides):
     torch.manual_seed(0)
-    return build_backbone(dict(TINY, readout=name, **overrides))
+    return backbone_of(**TINY, readout=name, **overrides)
 
 
 def save_checkpoint(path, name: str, **overrides) -> torch.nn.Module:
     """A checkpoint as main_dino.py writes it (through the one writer), for a tiny model with read-out ``name``."""
-    config = resolve_model_config(dict(TINY, readout=name, **overrides))
+    config = ModelConfig.resolve(dict(TINY, readout=name, **overrides))
     backbone = build_backbone(config)
     teacher = MultiCropWrapper(backbone, DINOHead(backbone.feature_dim, 64, hidden_dim=32, bottleneck_dim=16))
     optimizer = torch.optim.SGD(teacher.parameters(), lr=0.1)
-    args = dict(config, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, use_bn_in_head=False)
+    args = dict(config.flags(), out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, use_bn_in_head=False)
     TrainState(teacher, teacher, optimizer, torch.nn.Module(), None, args).save(path, epoch=1)
     return backbone.eval()
 
@@ -88,8 +95,8 @@ def test_replaced_blocks_can_be_set_for_every_read_out(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_checkpoint_round_trip(name, tmp_path):
     model = save_checkpoint(tmp_path / "checkpoint.pth", name)
-    loaded, config = build_pretrained_backbone(str(tmp_path / "checkpoint.pth"), "teacher", {}, log=None)
-    assert config["readout"] == name and type(loaded.readout_module) is READOUTS[name]
+    loaded, config = build_pretrained_backbone(str(tmp_path / "checkpoint.pth"), "teacher", {}, verbose=False)
+    assert config.readout == name and type(loaded.readout_module) is READOUTS[name]
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(images), model(images))
     assert read_checkpoint(tmp_path / "checkpoint.pth")["args"]["readout_replace_blocks"] == \
@@ -102,10 +109,10 @@ def test_architecture_inferred_from_the_weights_alone(name, tmp_path):
     tensors; read-outs without tensors cannot be told apart and are evaluated as DINO's CLS read-out."""
     model = tiny_model(name, readout_replace_blocks=1).eval()
     torch.save(model.state_dict(), tmp_path / "bare.pth")
-    loaded, config = build_pretrained_backbone(str(tmp_path / "bare.pth"), "teacher", {}, log=None)
+    loaded, config = build_pretrained_backbone(str(tmp_path / "bare.pth"), "teacher", {}, verbose=False)
     has_tensors = any(True for _ in model.readout_module.parameters())
     expected = name if has_tensors else "cls"
-    assert (config["arch"], config["patch_size"], config["readout"]) == ("vit_tiny", 8, expected)
+    assert (config.arch, config.patch_size, config.readout) == ("vit_tiny", 8, expected)
     assert len(loaded.blocks) == len(model.blocks)
     if has_tensors:  # the read-out's own options were inferred too, or the strict load would have failed
         images = torch.randn(2, 3, 32, 32)
@@ -115,7 +122,7 @@ def test_architecture_inferred_from_the_weights_alone(name, tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_parameter_groups_cover_every_trainable_parameter_once(name):
     model = tiny_model(name)
-    groups = get_params_groups(model, dict(TINY, readout=name))
+    groups = get_params_groups(model, ModelConfig.resolve(dict(TINY, readout=name)).readout_options)
     grouped = [id(p) for group in groups for p in group["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
     assert groups[0]["regularized"] and groups[1]["weight_decay"] == 0.0
@@ -124,7 +131,7 @@ def test_parameter_groups_cover_every_trainable_parameter_once(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_training_logs_the_read_out_and_its_maps(name, tmp_path):
     images = make_images(tmp_path / "images", count=8, size=32)
-    result = train_dino(tiny_args(images, tmp_path / "out", "--readout", name, "--epochs", "1", "--precision",
+    result = train_dino(tiny_config(images, tmp_path / "out", "--readout", name, "--epochs", "1", "--precision",
                                   "fp32", "--patch_size", "8"))
     with open(tmp_path / "out" / "log.txt") as handle:
         record = json.loads(handle.readline())
@@ -163,35 +170,48 @@ def test_visualisation_draws_maps_where_the_read_out_has_them(name, data, tmp_pa
     drawn = set(os.listdir(tmp_path / "viz"))
     assert {"heads.png", "summary.json"} <= drawn
     assert ("slots.png" in drawn) == model.readout_module.has_attention_maps
-    if model.readout_module.has_attention_maps:
-        assert 0 <= summary["slot_statistics"]["slot_peakedness"] <= 1
+    if model.readout_module.has_attention_maps:  # the summary's peakedness, computed here by hand
+        from dino_sparo.viz.images import find_images, prepare_images
+
+        prefix = model.readout_module.num_prefix_tokens
+        expected = []
+        for image in prepare_images(find_images([os.path.join(data, "val")], 2), [32], 8):
+            with torch.no_grad():
+                patches = model.get_slot_attention(image.tensor[None])[0, :, prefix:].double()
+            p = patches / patches.sum(dim=-1, keepdim=True)
+            expected.append(1 + (p * p.log()).sum(dim=-1) / math.log(p.shape[-1]))
+        assert summary["slot_statistics"]["slot_peakedness"] == pytest.approx(float(torch.cat(expected).mean()),
+                                                                             abs=1e-5)
 
 
-# The read-out arguments a checkpoint's saved args held before the read-out interface: one flag counted the blocks
-# SPARO replaced, whatever the read-out, and there was no readout_replace_blocks.
-LEGACY_READOUT_ARGS = ("sparo_slots", "sparo_slot_dim", "sparo_attn_dim", "sparo_share_kv", "sparo_slot_norm",
-                       "sparo_logit_scale", "sparo_query_init_std", "sparo_key_init_gain", "sparo_lr_mult",
-                       "sparo_weight_decay", "sparo_replace_blocks")
-
-
-@pytest.mark.parametrize("name", ["sparo", "cls"])
-def test_checkpoints_written_before_the_read_out_interface_resume_and_evaluate(name, data, tmp_path):
+def test_a_checkpoint_of_commit_9668c67_evaluates_and_resumes(data, tmp_path):
+    """Checkpoints written before the config was resolved once: their saved args hold flags since removed
+    (--sparo_logit_scale, --sparo_weight_decay, --use_fp16), None for derived defaults, and optimizer groups without
+    a "regularized" mark on the undecayed one (tests/fixtures/checkpoint_9668c67.json, read off such a run)."""
+    with open(os.path.join(ROOT, "tests", "fixtures", "checkpoint_9668c67.json")) as handle:
+        old = json.load(handle)
     images = make_images(tmp_path / "images", count=8, size=32)
     out = tmp_path / "out"
-    blocks = ["--sparo_replace_blocks", "2"] if name == "sparo" else []  # the old flag name still works
-    train_dino(tiny_args(images, out, "--readout", name, "--epochs", "1", "--precision", "fp32", *blocks))
+    flags = ["--patch_size", "8", "--sparo_slots", "4", "--sparo_slot_dim", "8", "--precision", "fp32"]
+    train_dino(tiny_config(images, out, "--epochs", "1", *flags))
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
-    legacy = {key: value for key, value in checkpoint["args"].items() if key != "readout_replace_blocks"}
-    legacy.update({flag: checkpoint["args"].get(flag) for flag in LEGACY_READOUT_ARGS})
-    legacy["sparo_replace_blocks"] = 2  # CLS runs saved it too, where it meant nothing
-    torch.save({**checkpoint, "args": legacy}, out / "checkpoint.pth")
+    assert set(checkpoint) == set(old["keys"])
+    groups = [{**settings, "params": group["params"]}
+              for settings, group in zip(old["optimizer_param_groups"], checkpoint["optimizer"]["param_groups"])]
+    args = {**old["args"], "data_path": str(images), "output_dir": str(out)}
+    assert args["sparo_attn_dim"] is None and "regularized" not in groups[1]
+    torch.save({**checkpoint, "args": args, "optimizer": {**checkpoint["optimizer"], "param_groups": groups}},
+               out / "checkpoint.pth")
 
-    model, config = build_pretrained_backbone(str(out / "checkpoint.pth"), "teacher", {}, log=None)
-    assert config["readout"] == name and len(model.blocks) == (1 if name == "sparo" else 3)
-    assert eval_knn.main(["--pretrained_weights", str(out / "checkpoint.pth"), "--data_path", data, "--nb_knn", "5",
-                          *EVAL_SIZES])["knn"]["5"]["top1"] >= 0
-    resumed = train_dino(tiny_args(images, out, "--readout", name, "--epochs", "2", "--precision", "fp32", *blocks))
+    model, config = build_pretrained_backbone(str(out / "checkpoint.pth"), "teacher", {}, verbose=False)
+    assert (config.readout, config.readout_options["sparo_slots"], len(model.blocks)) == ("sparo", 4, 2)
+    results = eval_knn.main(["--pretrained_weights", str(out / "checkpoint.pth"), "--data_path", data,
+                             "--nb_knn", "5", *EVAL_SIZES])
+    assert set(results["knn"]) == {"5"}
+    resumed = train_dino(tiny_config(images, out, "--epochs", "2", *flags))
     assert resumed.start_epoch == 1 and [stats["epoch"] for stats in resumed.epoch_stats] == [1]
+    decayed, undecayed = torch.load(out / "checkpoint.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert decayed["weight_decay"] > 0 and undecayed["weight_decay"] == 0  # the old groups keep their roles
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -220,8 +240,8 @@ def test_weights_without_registers_load_into_a_register_model_and_registers_are_
     assert "reg_token" in report.missing and "reg_token" in capsys.readouterr().out
     torch.testing.assert_close(with_registers.pos_embed, plain.pos_embed)  # registers have no position embedding
     torch.save(with_registers.state_dict(), tmp_path / "registers.pth")
-    loaded, config = build_pretrained_backbone(str(tmp_path / "registers.pth"), "teacher", {}, log=None)
-    assert config["num_registers"] == 2 and config["readout"] == "sparo"
+    loaded, config = build_pretrained_backbone(str(tmp_path / "registers.pth"), "teacher", {}, verbose=False)
+    assert config.num_registers == 2 and config.readout == "sparo"
     images = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded(images), with_registers.eval()(images))
 

@@ -1,16 +1,13 @@
 """Retrofitting SPARO onto a trained model: frozen embeddings and blocks, shared between student and teacher."""
 import pytest
 import torch
-from helpers import make_images, tiny_args
+from helpers import make_images, tiny_config
 
 from dino_sparo.checkpoint import save_atomic
 from dino_sparo.errors import UserError
-from dino_sparo.loss import DINOLoss
 from dino_sparo.models import DINOHead, MultiCropWrapper, vit_tiny
-from dino_sparo.optim import build_optimizer, get_params_groups
 from dino_sparo.train import train_dino
-from dino_sparo.train.setup import build_models, resolve_args
-from dino_sparo.train.step import TrainStep
+from dino_sparo.train.build import build_models, build_training
 
 
 def test_forward_from_frozen_tokens_equals_the_forward():
@@ -35,16 +32,15 @@ def test_freezing_marks_the_frozen_blocks_and_turns_off_their_stochastic_depth()
 
 def _step(shared: bool):
     """One step of a tiny student/teacher with 2 of 3 blocks frozen, the frozen tokens shared or not."""
-    args = tiny_args("u", "u", "--freeze_blocks", "2", "--optimizer", "sgd", "--drop_path_rate", "0",
+    args = tiny_config("u", "u", "--freeze_blocks", "2", "--optimizer", "sgd", "--drop_path_rate", "0",
                      "--freeze_last_layer", "0", "--precision", "fp32")
     torch.manual_seed(0)
-    student, teacher = build_models(args, torch.device("cpu"))
-    loss = DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, 10)
-    optimizer = build_optimizer("sgd", get_params_groups(student), torch.device("cpu"))
-    for group in optimizer.param_groups:
+    step = build_training(args)
+    student, teacher = step.student_module, step.teacher
+    for group in step.optimizer.param_groups:
         group["lr"] = 0.1
-    step = TrainStep(args, student, student, teacher, loss, optimizer, None, "fp32", torch.device("cpu"),
-                     frozen_blocks=2 if shared else None)
+    if not shared:  # the same frozen models, each running its own frozen blocks
+        step.frozen_blocks = None
     generator = torch.Generator().manual_seed(1)
     crops = [torch.randn(4, 3, size, size, generator=generator) for size in (32, 32, 16, 16)]
     values = step(crops, epoch=1, momentum=0.9)
@@ -71,7 +67,7 @@ def test_retrofit_training_keeps_frozen_weights_bit_identical(tmp_path, capsys):
     data = make_images(tmp_path / "data", count=8)
     donor = MultiCropWrapper(vit_tiny(depth=3, readout="cls"), DINOHead(192, 256, hidden_dim=64, bottleneck_dim=32))
     save_atomic({"teacher": donor.state_dict()}, tmp_path / "cls.pth")
-    result = train_dino(tiny_args(data, tmp_path / "out", "--epochs", "2", "--init_from", tmp_path / "cls.pth",
+    result = train_dino(tiny_config(data, tmp_path / "out", "--epochs", "2", "--init_from", tmp_path / "cls.pth",
                                   "--freeze_blocks", "all", "--drop_path_rate", "0.2"))
     assert "2 blocks frozen (retrofit)" in capsys.readouterr().out
     donor_state = donor.backbone.state_dict()
@@ -94,10 +90,10 @@ def test_retrofit_training_keeps_frozen_weights_bit_identical(tmp_path, capsys):
 def test_freeze_blocks_out_of_range_is_a_one_line_error(tmp_path, value, message):
     if message is None:
         with pytest.raises(SystemExit):  # argparse: not a number of blocks
-            tiny_args("d", "o", "--freeze_blocks", value)
+            tiny_config("d", "o", "--freeze_blocks", value)
         return
     with pytest.raises(UserError, match=message) as error:
-        train_dino(tiny_args(make_images(tmp_path / "data", count=4), tmp_path / "out", "--freeze_blocks", value))
+        train_dino(tiny_config(make_images(tmp_path / "data", count=4), tmp_path / "out", "--freeze_blocks", value))
     assert "\n" not in str(error.value)
 
 
@@ -109,12 +105,12 @@ def test_freeze_blocks_out_of_range_is_a_one_line_error(tmp_path, value, message
 def test_a_retrofit_defaults_to_key_gain_1_and_says_so(flags, gain, announced):
     """Left unset, SPARO's key gain is 1 in a --freeze_blocks run (4 from scratch), announced like the other
     resolved defaults and saved with the run's args; an explicit value wins."""
-    said = []
-    resolved = resolve_args(tiny_args("data", "out", *flags), True, said.append)
-    assert resolved.sparo_key_init_gain == gain
-    assert any("--sparo_key_init_gain 1" in line for line in said) == announced
+    resolved = tiny_config("data", "out", *flags)
+    assert resolved.model.readout_options["sparo_key_init_gain"] == gain
+    assert resolved.to_dict()["sparo_key_init_gain"] == gain
+    assert any("--sparo_key_init_gain 1" in line for line in resolved.notes) == announced
     torch.manual_seed(0)
     student, _ = build_models(resolved, torch.device("cpu"))
     torch.manual_seed(0)
-    expected = build_models(tiny_args("data", "out", "--sparo_key_init_gain", str(gain)), torch.device("cpu"))[0]
+    expected = build_models(tiny_config("data", "out", "--sparo_key_init_gain", str(gain)), torch.device("cpu"))[0]
     torch.testing.assert_close(student.backbone.sparo.key_proj.weight, expected.backbone.sparo.key_proj.weight)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from dino_sparo.schedules import cosine_scheduler
+from dino_sparo.train.schedules import cosine_scheduler
 
 
 def test_warmup_then_cosine_values():

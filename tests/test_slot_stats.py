@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_images, tiny_args
+from helpers import make_images, tiny_config
 
 from dino_sparo.eval.slot_stats import SlotStatistics, measure_slots, pairwise_similarity, slot_statistics
 from dino_sparo.models import SPARO, build_pretrained_backbone, vit_tiny
@@ -51,21 +51,6 @@ def test_measure_slots_restores_training_mode():
     assert model.training and stats.images == 3 and stats.peakedness.shape == (4,)
 
 
-def test_logit_scale_multiplies_each_slots_logits():
-    """Against an independent per-slot computation with the temperature folded in by hand."""
-    sparo = SPARO(embed_dim=12, num_slots=3, slot_dim=5, attn_dim=4, logit_scale=True).double()
-    with torch.no_grad():
-        sparo.logit_scale.copy_(torch.tensor([0.5, 1.0, 4.0]))
-    tokens = torch.randn(2, 7, 12, dtype=torch.float64)
-    _, attention = sparo(tokens, return_attention=True)
-    for slot in range(3):
-        rows = slice(slot * 4, (slot + 1) * 4)
-        keys = tokens @ sparo.key_proj.weight[rows].T + sparo.key_proj.bias[rows]
-        logits = sparo.logit_scale[slot] * (keys @ sparo.queries[slot]) / 2.0
-        torch.testing.assert_close(attention[:, slot], torch.softmax(logits, dim=-1))
-    assert SPARO(embed_dim=12, num_slots=3, slot_dim=5, attn_dim=4).logit_scale is None  # the paper's maths
-
-
 def test_initial_scales_of_queries_and_keys():
     torch.manual_seed(0)
     wide = SPARO(embed_dim=64, num_slots=32, slot_dim=8, attn_dim=16, query_init_std=3.0, key_init_gain=8.0)
@@ -77,23 +62,23 @@ def test_initial_scales_of_queries_and_keys():
 
 
 def test_readout_parameter_groups():
-    model = vit_tiny(patch_size=8, depth=2, sparo_slots=4, sparo_slot_dim=8, sparo_logit_scale=True)
+    model = vit_tiny(patch_size=8, depth=2, sparo_slots=4, sparo_slot_dim=8)
     default = get_params_groups(model)
     assert len(default) == 2 and default[0]["regularized"]
     assert any(p is model.sparo.queries for p in default[0]["params"])  # the reference decays 2-D parameters
 
-    groups = get_params_groups(model, {"sparo_lr_mult": 10.0, "sparo_weight_decay": False})
+    groups = get_params_groups(model, {"sparo_lr_mult": 10.0})
     sparo_params = {id(p) for p in model.sparo.parameters()}
     for group in groups:
         in_sparo = {id(p) in sparo_params for p in group["params"]}
         assert len(in_sparo) == 1 and (group.get("lr_mult", 1.0) == 10.0) == in_sparo.pop()
     decayed = {id(p) for group in groups if group.get("regularized") for p in group["params"]}
-    for name in ("queries", "key_proj.weight"):
-        assert id(model.sparo.get_parameter(name)) not in decayed
-    assert id(model.sparo.out_proj.weight) in decayed and id(model.blocks[0].attn.qkv.weight) in decayed
+    for name in ("queries", "key_proj.weight", "out_proj.weight"):  # DINO's rule: every 2-D parameter decays
+        assert id(model.sparo.get_parameter(name)) in decayed
+    assert id(model.sparo.key_proj.bias) not in decayed and id(model.blocks[0].attn.qkv.weight) in decayed
 
     optimizer = torch.optim.AdamW(groups)
-    args = tiny_args("u", "u", "--epochs", "1", "--warmup_epochs", "0")
+    args = tiny_config("u", "u", "--epochs", "1", "--warmup_epochs", "0")
     schedules = build_schedules(args, niter_per_epoch=2, world_size=1)
     schedules.apply(optimizer, 0)
     for group in optimizer.param_groups:
@@ -105,12 +90,11 @@ def test_readout_parameter_groups():
 def test_training_logs_slot_statistics_and_maps(tmp_path):
     data = make_images(tmp_path / "data", count=8)
     out = tmp_path / "out"
-    train_dino(tiny_args(data, out, "--epochs", "2", "--viz_freq", "1", "--sparo_logit_scale", "true",
-                         "--sparo_lr_mult", "2", "--sparo_weight_decay", "false"))
+    train_dino(tiny_config(data, out, "--epochs", "2", "--viz_freq", "1", "--sparo_lr_mult", "2"))
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert len(lines) == 2
     # The last epoch's figures are those of the saved teacher on the monitor's 16 fixed training images.
-    teacher, _ = build_pretrained_backbone(str(out / "checkpoint.pth"), "teacher", {}, log=None)
+    teacher, _ = build_pretrained_backbone(str(out / "checkpoint.pth"), "teacher", {}, verbose=False)
     monitor = SlotMonitor(data, 32, torch.device("cpu"))
     assert len(monitor.images) == 8  # the set is smaller than 16: all of it
     expected = measure_slots(teacher, [monitor.images], "cpu").summary()

@@ -11,7 +11,9 @@ def test_launcher_flags_and_defaults():
     args = run_with_submitit.parse_args(["--data_path", "x"])
     assert (args.ngpus, args.nodes, args.timeout, args.partition, args.use_volta32, args.comment) == \
         (8, 2, 2800, None, False, "")
-    assert args.output_dir == "" and args.arch == "vit_small" and args.readout == "sparo"
+    assert args.output_dir == ""
+    config = run_with_submitit.resolve_config(args)
+    assert config.model.arch == "vit_small" and config.model.readout == "sparo" and config.lr == 0.0005
 
 
 def test_checkpoint_requeues_the_same_training(tmp_path):

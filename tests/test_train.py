@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -5,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import make_images, tiny_args
+from helpers import make_images, tiny_config
 
 from dino_sparo.checkpoint import TrainState, save_atomic
 from dino_sparo.distributed import DistributedContext
@@ -19,14 +20,15 @@ from dino_sparo.optim import (
     update_teacher,
 )
 from dino_sparo.train import train_dino
+from dino_sparo.train.build import build_models
+from dino_sparo.train.config import parse_config, resolve_precision
 from dino_sparo.train.health import warn_if_collapsed
 from dino_sparo.train.metrics import TrainingLog
-from dino_sparo.train.setup import build_models, resolve_precision
 from dino_sparo.train.trainer import _resume_or_initialise
 
 
 def test_models_teacher_is_a_separate_copy():
-    args = tiny_args("unused", "unused", "--drop_path_rate", "0.2", "--norm_last_layer", "false")
+    args = tiny_config("unused", "unused", "--drop_path_rate", "0.2", "--norm_last_layer", "false")
     student, teacher = build_models(args, torch.device("cpu"))
     student_ptrs = {p.untyped_storage().data_ptr() for p in student.parameters()}
     assert all(p.untyped_storage().data_ptr() not in student_ptrs for p in teacher.parameters())
@@ -40,9 +42,9 @@ def test_models_teacher_is_a_separate_copy():
 
 
 def test_param_groups_clipping_freezing_and_ema():
-    args = tiny_args("unused", "unused")
+    args = tiny_config("unused", "unused")
     student, teacher = build_models(args, torch.device("cpu"))
-    regularized, not_regularized = get_params_groups(student, args)
+    regularized, not_regularized = get_params_groups(student, args.model.readout_options)
     decayed = {id(p) for p in regularized["params"]}
     for name, param in student.named_parameters():
         if not param.requires_grad:
@@ -74,7 +76,7 @@ def test_training_writes_checkpoints_logs_and_tensorboard(tmp_path, capsys):
     data = make_images(tmp_path / "flat")  # flat folder, no class sub-folders
     (tmp_path / "flat" / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
     out = tmp_path / "out"
-    result = train_dino(tiny_args(data, out, "--epochs", "2", "--saveckp_freq", "1"))
+    result = train_dino(tiny_config(data, out, "--epochs", "2", "--saveckp_freq", "1"))
     assert sorted(p for p in os.listdir(out) if p.endswith(".pth")) == \
         ["checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth"]
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
@@ -98,12 +100,12 @@ def test_training_writes_checkpoints_logs_and_tensorboard(tmp_path, capsys):
 
 def test_resume_equals_uninterrupted_run(tmp_path, capsys):
     data = make_images(tmp_path / "data")
-    straight = train_dino(tiny_args(data, tmp_path / "straight", "--epochs", "2", "--saveckp_freq", "1"))
+    straight = train_dino(tiny_config(data, tmp_path / "straight", "--epochs", "2", "--saveckp_freq", "1"))
     # a run interrupted after epoch 0: its output_dir holds only the epoch-0 checkpoint
     os.makedirs(tmp_path / "resumed")
     shutil.copy(tmp_path / "straight" / "checkpoint0000.pth", tmp_path / "resumed" / "checkpoint.pth")
     capsys.readouterr()
-    resumed = train_dino(tiny_args(data, tmp_path / "resumed", "--epochs", "2"))
+    resumed = train_dino(tiny_config(data, tmp_path / "resumed", "--epochs", "2"))
     assert "resumed from" in capsys.readouterr().out and resumed.start_epoch == 1
     for name, value in straight.teacher.state_dict().items():
         assert torch.equal(value, resumed.teacher.state_dict()[name]), name
@@ -112,29 +114,28 @@ def test_resume_equals_uninterrupted_run(tmp_path, capsys):
 
 def test_init_from_official_format_and_resume_precedence(tmp_path, capsys):
     data = make_images(tmp_path / "data", count=8)
-    args = tiny_args(data, tmp_path / "out", "--epochs", "1", "--lr", "1e-12", "--min_lr", "0")
+    args = tiny_config(data, tmp_path / "out", "--epochs", "1", "--lr", "1e-12", "--min_lr", "0")
     donor, _ = build_models(args, torch.device("cpu"))
     with torch.no_grad():
         for param in donor.parameters():
             param.normal_()
     official = {"teacher": {f"module.{k}": v for k, v in donor.state_dict().items()}}
     save_atomic(official, tmp_path / "official.pth")
-    args.init_from = str(tmp_path / "official.pth")
-    result = train_dino(args)
+    result = train_dino(dataclasses.replace(args, init_from=str(tmp_path / "official.pth")))
     printed = capsys.readouterr().out
     assert "weights from" in printed and "head from" in printed
     # with a vanishing lr, the trained teacher is still (almost) the donor
     for name, value in donor.state_dict().items():
         assert torch.allclose(result.teacher.state_dict()[name], value, atol=1e-4), name
     # a checkpoint in output_dir wins over --init_from
-    args = tiny_args(data, tmp_path / "out", "--epochs", "2", "--init_from", tmp_path / "missing.pth")
+    args = tiny_config(data, tmp_path / "out", "--epochs", "2", "--init_from", tmp_path / "missing.pth")
     assert train_dino(args).start_epoch == 1
 
 
 def test_non_finite_loss_stops_with_epoch_and_iteration(tmp_path, monkeypatch):
     data = make_images(tmp_path / "data", count=12)
     out = tmp_path / "out"
-    train_dino(tiny_args(data, out, "--epochs", "1"))
+    train_dino(tiny_config(data, out, "--epochs", "1"))
     before = (out / "checkpoint.pth").read_bytes()
 
     class ExplodingLoss(DINOLoss):
@@ -145,9 +146,9 @@ def test_non_finite_loss_stops_with_epoch_and_iteration(tmp_path, monkeypatch):
             loss = super().forward(student_output, teacher_output, epoch)
             return loss * float("nan") if ExplodingLoss.calls == 2 else loss
 
-    monkeypatch.setattr("dino_sparo.train.trainer.DINOLoss", ExplodingLoss)
+    monkeypatch.setattr("dino_sparo.train.build.DINOLoss", ExplodingLoss)
     with pytest.raises(NonFiniteLossError, match="epoch 1, iteration 1"):
-        train_dino(tiny_args(data, out, "--epochs", "3"))
+        train_dino(tiny_config(data, out, "--epochs", "3"))
     assert (out / "checkpoint.pth").read_bytes() == before
 
 
@@ -164,28 +165,27 @@ def test_bad_flag_values_are_user_errors(tmp_path, flags, message):
         pytest.skip("a CUDA GPU is present")
     data = make_images(tmp_path / "data", count=4, size=20)
     with pytest.raises(UserError, match=message):
-        train_dino(tiny_args(data, tmp_path / "out", *flags))
+        train_dino(tiny_config(data, tmp_path / "out", *flags))
 
 
 def test_missing_data_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="data path not found"):
-        train_dino(tiny_args(tmp_path / "nowhere", tmp_path / "out"))
-    args = tiny_args(tmp_path, tmp_path / "out")
-    args.data_path = None
+        train_dino(tiny_config(tmp_path / "nowhere", tmp_path / "out"))
     with pytest.raises(UserError, match="--data_path"):
-        train_dino(args)
+        parse_config(["--output_dir", str(tmp_path / "out")])
 
 
 def test_collapse_warning(capsys):
-    args = tiny_args("d", "o", "--batch_size_per_gpu", "32")
+    args = tiny_config("d", "o", "--batch_size_per_gpu", "32")
     healthy = {"epoch": 0, "train_loss": 3.0, "train_teacher_mode_share": 0.2}
-    assert not warn_if_collapsed(healthy, args, enabled=True)
+    assert not warn_if_collapsed(healthy, args)
+    assert capsys.readouterr().err == ""
     uniform = {"epoch": 3, "train_loss": math.log(256) * 1.005, "train_teacher_mode_share": 0.01}
-    assert warn_if_collapsed(uniform, args, enabled=True)
+    assert warn_if_collapsed(uniform, args)
     err = capsys.readouterr().err
     assert "collapsed at epoch 3" in err and "ln(out_dim)" in err and "--teacher_temp" in err
     one_hot = {"epoch": 1, "train_loss": 0.5, "train_teacher_mode_share": 0.99}
-    assert warn_if_collapsed(one_hot, args, enabled=True)
+    assert warn_if_collapsed(one_hot, args)
     assert "one-hot" in capsys.readouterr().err
 
 
@@ -197,7 +197,7 @@ def test_auto_precision_takes_bf16_only_where_gpus_compute_it_natively(monkeypat
         return native or including_emulation
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
-    cuda = torch.device("cuda", 0)
+    cuda = "cuda:0"
     assert resolve_precision("auto", None, cuda) == ("bf16" if native else "fp16")
     assert resolve_precision("auto", False, cuda) == "fp32"  # --use_fp16 false
     assert resolve_precision("bf16", None, cuda) == "bf16"  # asked for explicitly
@@ -207,16 +207,17 @@ def test_fp16_resume_of_a_run_saved_without_a_scaler_starts_a_fresh_one(tmp_path
     """A checkpoint written by an fp32 or bf16 run (fp16_scaler None) resumed with --precision fp16: the run goes
     on with a fresh GradScaler instead of stopping at "no 'fp16_scaler' entry"."""
     data = make_images(tmp_path / "data", count=8)
-    train_dino(tiny_args(data, tmp_path / "out", "--epochs", "1", "--precision", "fp32"))
-    args = tiny_args(data, tmp_path / "out", "--epochs", "2")
+    train_dino(tiny_config(data, tmp_path / "out", "--epochs", "1", "--precision", "fp32"))
+    args = tiny_config(data, tmp_path / "out", "--epochs", "2")
     student, teacher = build_models(args, torch.device("cpu"))
-    optimizer = build_optimizer(args.optimizer, get_params_groups(student, args), torch.device("cpu"))
+    optimizer = build_optimizer(args.optimizer, get_params_groups(student, args.model.readout_options),
+                                torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu")
     loss = DINOLoss(args.out_dim, 4, args.warmup_teacher_temp, args.teacher_temp, 0, args.epochs)
     capsys.readouterr()
     state = TrainState(student, teacher, optimizer, loss, scaler, {})
     start = _resume_or_initialise(args, state, str(tmp_path / "out" / "checkpoint.pth"), 8, 2, DistributedContext(),
-                                  TrainingLog(str(tmp_path / "out"), enabled=False), print)
+                                  TrainingLog(str(tmp_path / "out"), enabled=False))
     assert start == (1, 0, 0)
     assert "saved without fp16 training: starting a fresh GradScaler" in capsys.readouterr().out
     assert scaler.state_dict() == torch.amp.GradScaler("cpu").state_dict()
@@ -227,13 +228,13 @@ def test_an_epoch_whose_log_line_was_lost_is_logged_from_its_checkpoint(tmp_path
     from the checkpoint's copy of the record, so log.txt still holds every epoch exactly once."""
     data = make_images(tmp_path / "data", count=8)
     out = tmp_path / "out"
-    train_dino(tiny_args(data, out, "--epochs", "1"))
+    train_dino(tiny_config(data, out, "--epochs", "1"))
     (record,) = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     (out / "log.txt").write_text("")
     capsys.readouterr()
-    train_dino(tiny_args(data, out, "--epochs", "2"))
+    train_dino(tiny_config(data, out, "--epochs", "2"))
     assert "log.txt had no line for epoch 0" in capsys.readouterr().out
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [0, 1] and lines[0] == record
-    train_dino(tiny_args(data, out, "--epochs", "3"))  # a log that has the epoch is left alone
+    train_dino(tiny_config(data, out, "--epochs", "3"))  # a log that has the epoch is left alone
     assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0, 1, 2]

@@ -11,7 +11,7 @@ import visualize_sparo
 from dino_sparo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino_sparo.errors import run_cli
 from dino_sparo.eval.slot_stats import peakedness
-from dino_sparo.models import MODEL_DEFAULTS, vit_tiny
+from dino_sparo.models import ModelConfig, vit_tiny
 from dino_sparo.viz.render import GAP, LABEL_HEIGHT, colormap
 
 SPARO_CONFIG = dict(arch="vit_tiny", depth=2, readout="sparo", sparo_slots=4, sparo_slot_dim=8)
@@ -43,8 +43,8 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("viz")
     model = tiny_sparo_model()
     backbone = {f"backbone.{k}": v for k, v in model.state_dict().items()}
-    torch.save({"teacher": backbone, "student": backbone, "epoch": 3, "args": dict(MODEL_DEFAULTS, **SPARO_CONFIG)},
-               root / "checkpoint.pth")
+    args = ModelConfig.resolve(SPARO_CONFIG).flags()
+    torch.save({"teacher": backbone, "student": backbone, "epoch": 3, "args": args}, root / "checkpoint.pth")
     # Official DINO backbone weights: a bare state dict with no saved args and no sparo.* tensors.
     dino = vit_tiny(depth=2, readout="cls")
     torch.save({f"module.{k}": v for k, v in dino.state_dict().items()}, root / "dino.pth")

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
-from typing import Any
 
 from ..cli import positive_int, slot_list
 from ..errors import UserError
-from ..models.config import add_model_args
+from ..models.config import ModelConfig
+from ..models.flags import add_model_args
 
 
 def add_common_eval_args(parser: argparse.ArgumentParser, data_required: bool = True) -> None:
@@ -35,10 +34,10 @@ def add_common_eval_args(parser: argparse.ArgumentParser, data_required: bool = 
     add_model_args(parser, from_checkpoint=True)
 
 
-def check_eval_args(args: argparse.Namespace, config: Mapping[str, Any]) -> None:
+def check_eval_args(args: argparse.Namespace, config: ModelConfig) -> None:
     """Checks that need the resolved model: a crop the patch embedding would silently truncate, etc."""
-    if args.crop_size % config["patch_size"]:
-        raise UserError(f"--crop_size {args.crop_size} is not a multiple of the patch size {config['patch_size']}")
+    if args.crop_size % config.patch_size:
+        raise UserError(f"--crop_size {args.crop_size} is not a multiple of the patch size {config.patch_size}")
     if args.resize_size < args.crop_size:
         raise UserError(f"--resize_size {args.resize_size} is smaller than --crop_size {args.crop_size}")
     if args.num_workers < 0:

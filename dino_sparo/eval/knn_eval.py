@@ -15,7 +15,7 @@ from ..data.datasets import ImageDataset, evenly_spaced, labelled_splits, ordere
 from ..data.transforms import eval_transform
 from ..distributed import DistributedContext, shard_bounds
 from ..errors import UserError
-from ..models.config import build_pretrained_backbone
+from ..models.factory import build_pretrained_backbone
 from ..models.readouts import restrict_to_slots
 from ..utils.files import write_json_atomic
 from ..viz.heatmap import draw_slot_heatmap
@@ -81,8 +81,8 @@ def _check_attribute_args(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any]:
     log: Callable[..., None] = print if context.is_main else (lambda *a, **k: None)
     label_sets = _attribute_label_sets(args) if args.attributes else None  # before any expensive work
-    model, config = build_pretrained_backbone(args.pretrained_weights, args.checkpoint_key, args,
-                                              log=print if context.is_main else None)
+    model, config = build_pretrained_backbone(args.pretrained_weights, args.checkpoint_key, vars(args),
+                                              verbose=context.is_main)
     model.to(context.device)
     check_eval_args(args, config)
     slots = check_slots(args.slots, slot_layout(model, "--slots")[0]) if args.slots else None
@@ -182,7 +182,7 @@ def _evaluate_attributes(args: argparse.Namespace, context: DistributedContext, 
                                        args.slot_knn, args.temperature)
         if args.compare_weights:
             compare, _ = build_pretrained_backbone(args.compare_weights, args.checkpoint_key, {},
-                                                   log=print if context.is_main else None)
+                                                   verbose=context.is_main)
             compare.to(context.device)
             compare_train, _, compare_test, _, _ = folder_features(
                 compare, args.data_path, args.resize_size, args.crop_size, args.batch_size_per_gpu,

@@ -19,7 +19,7 @@ from ..data.transforms import eval_transform, linear_train_transform
 from ..distributed import DistributedContext
 from ..errors import UserError
 from ..models import VisionTransformer
-from ..models.config import build_pretrained_backbone
+from ..models.factory import build_pretrained_backbone
 from ..utils.files import append_json_line
 from .flags import check_eval_args
 from .slots import check_slots, slot_layout
@@ -108,8 +108,8 @@ def evaluate_linear(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any]:
     log = print if context.is_main else (lambda *a, **k: None)
-    backbone, config = build_pretrained_backbone(args.pretrained_weights, args.checkpoint_key, args,
-                                                 log=print if context.is_main else None)
+    backbone, config = build_pretrained_backbone(args.pretrained_weights, args.checkpoint_key, vars(args),
+                                                 verbose=context.is_main)
     check_eval_args(args, config)
     features = _probe_features(args, backbone).to(context.device)
     train_set, val_set = labelled_splits(args.data_path, linear_train_transform(args.crop_size),

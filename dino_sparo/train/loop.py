@@ -3,21 +3,22 @@ logging intervals (the only points where the host waits on the device), and stop
 agree on when a preemption signal arrives."""
 from __future__ import annotations
 
-import argparse
+import logging
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..data.device_augment import StepViews
 from ..distributed import DistributedContext, is_dist_initialized
+from .data import TrainingData
 from .health import NonFiniteWatch, out_of_memory_error
 from .metrics import MetricLogger, TrainingLog, max_memory_mb
 from .preemption import PreemptionGuard
 from .schedules import Schedules
 from .step import TrainStep
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,21 +29,21 @@ class EpochOutcome:
     stopped_at: int | None = None
 
 
-def train_one_epoch(step: TrainStep, loader: Iterable, views: StepViews, epoch: int, niter: int,
-                    schedules: Schedules, ctx: DistributedContext, log: TrainingLog, say: Callable[[str], None],
-                    args: argparse.Namespace, guard: PreemptionGuard | None = None,
+def train_one_epoch(step: TrainStep, data: TrainingData, epoch: int, niter: int, schedules: Schedules,
+                    ctx: DistributedContext, log: TrainingLog, guard: PreemptionGuard | None = None,
                     first_iteration: int = 0) -> EpochOutcome:
     """Trains from ``first_iteration`` to the end of the epoch, or, when a preemption signal arrived, to an
     iteration all ranks agree on."""
-    metrics = MetricLogger(f"Epoch: [{epoch}/{args.epochs}]", niter)
+    config = step.config
+    metrics = MetricLogger(f"Epoch: [{epoch}/{config.epochs}]", niter)
     nonfinite = NonFiniteWatch(niter, ctx.device)
     skipped = 0
     epoch_start = interval_start = last_ready = time.time()
     data_time = data_wait = 0.0
-    images_per_step = args.batch_size_per_gpu * ctx.world_size
+    images_per_step = config.batch_size_per_gpu * ctx.world_size
     stopped_at = None
     steps_run = 0
-    for index, (crops, _, skipped_here) in enumerate(loader, start=first_iteration):
+    for index, (crops, _, skipped_here) in enumerate(data.loader, start=first_iteration):
         steps_run += 1
         waited = time.time() - last_ready
         data_time += waited
@@ -52,30 +53,30 @@ def train_one_epoch(step: TrainStep, loader: Iterable, views: StepViews, epoch: 
         skipped += int(skipped_here.sum())
         # The step's own draws (stochastic depth) from (seed, iteration, rank): a run resumed in the middle of an
         # epoch then takes the very steps of an uninterrupted one.
-        torch.manual_seed(((args.seed * 7_919 + iteration) * 104_729 + ctx.rank) % 2**63)  # not the views' seed
+        torch.manual_seed(((config.seed * 7_919 + iteration) * 104_729 + ctx.rank) % 2**63)  # not the views' seed
         try:
-            values = step(views(crops, iteration), epoch, float(schedules.momentum[iteration]))
+            values = step(data.views(crops, iteration), epoch, float(schedules.momentum[iteration]))
         except torch.OutOfMemoryError:
-            raise out_of_memory_error(args, step.precision, ctx.device, epoch, index) from None
+            raise out_of_memory_error(config, ctx.device, epoch, index) from None
         nonfinite.update(values["loss"], index)
         metrics.update(**values, lr=schedules.lr[iteration], wd=schedules.weight_decay[iteration],
                        teacher_momentum=schedules.momentum[iteration],
                        teacher_temp=step.dino_loss.teacher_temperature(epoch))
         last_ready = time.time()
-        if (index + 1) % args.log_freq == 0 or index == niter - 1:
+        if (index + 1) % config.log_freq == 0 or index == niter - 1:
             nonfinite.raise_if_any(epoch)
             latest = metrics.flush()
             elapsed = time.time() - interval_start
-            steps = (index % args.log_freq) + 1
+            steps = (index % config.log_freq) + 1
             images_per_s = images_per_step * steps / max(elapsed, 1e-9)
-            say(metrics.progress_line(index, images_per_s, data_time / steps, elapsed / steps,
+            logger.info(metrics.progress_line(index, images_per_s, data_time / steps, elapsed / steps,
                                       max_memory_mb(ctx.device)))
             log.scalars({**latest, "images_per_s": images_per_s}, iteration)
             interval_start, data_time = time.time(), 0.0
         if guard is not None and index < niter - 1 and guard.agreed_stop(index):
             nonfinite.raise_if_any(epoch)  # never save a state that has gone non-finite
             stopped_at = index + 1
-            say(f"preemption signal received: stopping at epoch {epoch}, iteration {stopped_at} of {niter}")
+            logger.info(f"preemption signal received: stopping at epoch {epoch}, iteration {stopped_at} of {niter}")
             break
     averages = metrics.averages(ctx.device)
     if is_dist_initialized():
@@ -91,7 +92,7 @@ def train_one_epoch(step: TrainStep, loader: Iterable, views: StepViews, epoch: 
         stats["max_memory_mb"] = round(peak_memory, 1)
     if stopped_at is not None:
         return EpochOutcome(stats, stopped_at)
-    say(f"Epoch {epoch} done in {epoch_time:.1f}s: loss {stats['train_loss']:.4f}, teacher entropy "
+    logger.info(f"Epoch {epoch} done in {epoch_time:.1f}s: loss {stats['train_loss']:.4f}, teacher entropy "
         f"{stats['train_teacher_entropy']:.3f} nats, student/teacher agreement {stats['train_agreement']:.3f}"
         + (f", skipped {skipped} unreadable images" if skipped else ""))
     return EpochOutcome(stats)

@@ -1,11 +1,12 @@
 """Per-iteration schedules (learning rate, weight decay, teacher momentum) as in DINO."""
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .config import TrainConfig
 
 
 def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
@@ -31,25 +32,24 @@ class Schedules:
 
     def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> None:
         """Sets ``iteration``'s learning rate on every group (times its ``lr_mult``) and its weight decay on the
-        ``regularized`` groups only (biases and norms are never decayed), as the reference does. Groups restored
-        from checkpoints that predate the mark follow the reference's rule: group 0 is the regularised one."""
-        for index, group in enumerate(optimizer.param_groups):
+        ``regularized`` groups only (biases and norms are never decayed), as the reference does."""
+        for group in optimizer.param_groups:
             group["lr"] = float(self.lr[iteration]) * group.get("lr_mult", 1.0)
-            if group.get("regularized", index == 0):
+            if group.get("regularized", False):
                 group["weight_decay"] = float(self.weight_decay[iteration])
 
 
-def peak_learning_rate(args: argparse.Namespace, world_size: int) -> float:
+def peak_learning_rate(config: TrainConfig, world_size: int) -> float:
     """``--lr`` is given for 256 images: the peak learning rate scales linearly with the global batch."""
-    return args.lr * args.batch_size_per_gpu * world_size / 256.0
+    return config.lr * config.batch_size_per_gpu * world_size / 256.0
 
 
-def build_schedules(args: argparse.Namespace, niter_per_epoch: int, world_size: int) -> Schedules:
+def build_schedules(config: TrainConfig, niter_per_epoch: int, world_size: int) -> Schedules:
     """The learning rate (:func:`peak_learning_rate`) warms up linearly and decays by a cosine to min_lr; weight
     decay rises by a cosine; the teacher momentum rises to 1."""
     return Schedules(
-        lr=cosine_scheduler(peak_learning_rate(args, world_size), args.min_lr, args.epochs, niter_per_epoch,
-                            warmup_epochs=args.warmup_epochs),
-        weight_decay=cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_epoch),
-        momentum=cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter_per_epoch),
+        lr=cosine_scheduler(peak_learning_rate(config, world_size), config.min_lr, config.epochs, niter_per_epoch,
+                            warmup_epochs=config.warmup_epochs),
+        weight_decay=cosine_scheduler(config.weight_decay, config.weight_decay_end, config.epochs, niter_per_epoch),
+        momentum=cosine_scheduler(config.momentum_teacher, 1.0, config.epochs, niter_per_epoch),
     )

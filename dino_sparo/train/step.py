@@ -1,7 +1,6 @@
 """One DINO optimisation step, free of host synchronisation so the GPU is never left waiting on Python."""
 from __future__ import annotations
 
-import argparse
 from contextlib import nullcontext
 
 import torch
@@ -10,6 +9,7 @@ from torch.profiler import record_function
 
 from ..loss import DINOLoss, training_signals
 from ..optim import cancel_gradients_last_layer, clip_gradients, update_teacher
+from .config import TrainConfig
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -18,21 +18,23 @@ class TrainStep:
     """Forward under autocast (teacher on the 2 global crops, student on all), loss, backward (scaled for fp16),
     per-parameter clipping, the last-layer freeze, the optimizer step and the teacher EMA.
 
-    ``student`` is what runs the forward (DistributedDataParallel when distributed), ``student_module`` the
-    module inside it, whose trainable parameters the teacher averages. With ``frozen_blocks`` (a retrofit), the
-    frozen embeddings and blocks run once per crop group without a graph and both networks start from their
-    output: they are identical in student and teacher, so only the trainable part is computed twice.
+    Built by :func:`~.build.build_training`, which owns its parts: ``student`` is what runs the forward
+    (DistributedDataParallel when distributed), ``student_module`` the module inside it, whose trainable parameters
+    the teacher averages. With ``--freeze_blocks`` (a retrofit), the frozen embeddings and blocks run once per crop
+    group without a graph and both networks start from their output: they are identical in student and teacher,
+    so only the trainable part is computed twice.
     """
 
-    def __init__(self, args: argparse.Namespace, student: nn.Module, student_module: nn.Module, teacher: nn.Module,
+    def __init__(self, *, config: TrainConfig, student: nn.Module, student_module: nn.Module, teacher: nn.Module,
                  dino_loss: DINOLoss, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                 precision: str, device: torch.device, frozen_blocks: int | None = None) -> None:
-        self.clip_grad, self.freeze_last_layer = args.clip_grad, args.freeze_last_layer
-        self.frozen_blocks = frozen_blocks
+                 device: torch.device) -> None:
+        self.config = config
+        self.clip_grad, self.freeze_last_layer = config.clip_grad, config.freeze_last_layer
+        self.frozen_blocks = config.freeze_blocks
         self.student, self.student_module, self.teacher = student, student_module, teacher
         self.dino_loss, self.optimizer, self.scaler = dino_loss, optimizer, scaler
-        self.precision = precision
-        dtype = AUTOCAST_DTYPES.get(precision)
+        self.precision, self.device = config.precision, device
+        dtype = AUTOCAST_DTYPES.get(self.precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
         student_named = dict(student_module.named_parameters())
         teacher_named = dict(teacher.named_parameters())

@@ -16,7 +16,7 @@ from ..distributed import resolve_device
 from ..errors import UserError
 from ..eval.slot_stats import PEAKEDNESS_HELP, SlotStatistics, slot_statistics
 from ..eval.slots import check_slots
-from ..models.config import build_pretrained_backbone
+from ..models.factory import build_pretrained_backbone
 from ..utils.files import write_json_atomic
 from . import render
 from .attention import head_cls_attention, patch_grid, slot_attention
@@ -92,7 +92,7 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
     ensure_writable_dir(str(output_dir), create=False)  # created once the images are drawn
     paths = find_images(args.images, args.max_images)
     accuracy = _attribute_accuracy(args)
-    model, _ = build_pretrained_backbone(args.pretrained_weights, args.checkpoint_key, args)
+    model, _ = build_pretrained_backbone(args.pretrained_weights, args.checkpoint_key, vars(args))
     model.to(device)
     draw_slots = _check_slot_request(args, model)
     if accuracy is not None and sorted(accuracy) != list(range(model.readout_module.num_maps)):

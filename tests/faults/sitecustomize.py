@@ -64,7 +64,7 @@ def _install(spec: str) -> None:
     action, where = parts[0], parts[-1]
     signal_name = parts[1] if action in ("signal", "group") else None
     if where == "setup":
-        import dino_sparo.train.trainer as train
+        import dino_sparo.train.build as train
 
         original_build = train.build_models
 

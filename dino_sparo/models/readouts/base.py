@@ -36,7 +36,9 @@ OPTIMISATION = "optimisation"  # only the parameter groups: a training flag, not
 class Option:
     """One flag of a read-out: ``--<flag>`` on the command line, ``config[flag]`` in a model config, the
     constructor argument ``argument`` (default: the flag without the read-out's name, ``sparo_slots`` ->
-    ``slots``). With ``derived``, a value of None is derived from the backbone's ``(embed_dim, num_heads)``."""
+    ``slots``). With ``derived``, the default is derived from the backbone's ``(embed_dim, num_heads)`` instead;
+    ``retrofit_default`` replaces the default in a run that freezes trained blocks (``--freeze_blocks``). Where a flag
+    is not given, :class:`~dino_sparo.models.config.ModelConfig` decides its value from these."""
     flag: str
     type: Callable[[str], Any]
     default: Any
@@ -44,6 +46,7 @@ class Option:
     role: str = ARCHITECTURE
     argument: str | None = None
     derived: Callable[[int, int], Any] | None = None
+    retrofit_default: Any = None
 
     def argument_name(self, readout_name: str) -> str:
         return self.argument or self.flag.removeprefix(f"{readout_name}_")
@@ -83,8 +86,8 @@ class Readout(nn.Module):
             if option.role == OPTIMISATION or option.flag not in config:
                 continue
             value = config[option.flag]
-            if value is None and option.derived is not None:
-                value = option.derived(embed_dim, num_heads)
+            if value is None:
+                value = option.derived(embed_dim, num_heads) if option.derived is not None else option.default
             arguments[option.argument_name(cls.name)] = value
         return cls(embed_dim, num_prefix_tokens=num_prefix_tokens, **arguments)
 

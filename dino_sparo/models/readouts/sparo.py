@@ -13,8 +13,6 @@ from ...cli import bool_flag, positive_int
 from .base import INITIALISATION, OPTIMISATION, Option, Readout, restrict_to_slots
 
 KEY_INIT_GAIN = 4.0
-# The tensors whose product sets the attention temperature: decaying them cools every slot's softmax.
-_TEMPERATURE_TENSORS = ("queries", "key_proj.weight", "value_proj.weight")
 
 
 class SPARO(Readout):
@@ -37,18 +35,14 @@ class SPARO(Readout):
                derived=lambda embed_dim, num_heads: embed_dim // num_heads),
         Option("sparo_share_kv", bool_flag, True, "use the keys as values"),
         Option("sparo_slot_norm", bool_flag, True, "L2-normalise each slot, scaled by sqrt(1/L)"),
-        Option("sparo_logit_scale", bool_flag, False,
-               "a learnable temperature per slot multiplying its attention logits, starting at 1"),
         Option("sparo_query_init_std", float, 1.0, "std of the queries' N(0, std) initialisation (with the key gain "
                "it sets the initial attention temperature)", role=INITIALISATION),
-        Option("sparo_key_init_gain", float, None, "gain of the key projection's xavier-uniform initialisation (the "
-               "paper: 1); default 4, which lets the slots separate within short schedules, but 1 in a "
-               "--freeze_blocks retrofit (see dino_sparo.train.setup.RETROFIT_KEY_INIT_GAIN)", role=INITIALISATION,
-               derived=lambda embed_dim, num_heads: KEY_INIT_GAIN),
+        Option("sparo_key_init_gain", float, KEY_INIT_GAIN, "gain of the key projection's xavier-uniform "
+               "initialisation (the paper: 1); 4 lets the slots separate within short schedules; a --freeze_blocks "
+               "retrofit starts near-uniform slots at 1, which match the frozen CLS token's k-NN from the first step",
+               role=INITIALISATION, retrofit_default=1.0),
         Option("sparo_lr_mult", float, 1.0, "learning-rate multiplier of the SPARO read-out's parameters (queries, "
                "projections)", role=OPTIMISATION),
-        Option("sparo_weight_decay", bool_flag, True, "weight decay on SPARO's queries and key/value projections "
-               "(their product is the attention temperature); false exempts them", role=OPTIMISATION),
     )
 
     def __init__(
@@ -59,7 +53,6 @@ class SPARO(Readout):
         attn_dim: int = 64,
         share_kv: bool = True,
         slot_norm: bool = True,
-        logit_scale: bool = False,
         query_init_std: float = 1.0,
         key_init_gain: float = KEY_INIT_GAIN,
         num_prefix_tokens: int = 1,
@@ -77,10 +70,8 @@ class SPARO(Readout):
 
         # The paper's initialisation is queries N(0, 1), xavier-uniform projections and zero biases. Over the whole
         # (L*H, D) key matrix xavier gives logits so small that every slot starts near uniform attention, and short
-        # schedules never leave it; a key gain of 4 (README: "Do my slots specialise?") makes the slots separate.
+        # schedules never leave it; a key gain of 4 makes the slots separate (docs/experiments/slot_specialisation.md).
         self.queries = nn.Parameter(torch.randn(num_slots, attn_dim) * query_init_std)
-        # Optional learnable per-slot temperature, multiplying the logits; starts at 1 (the paper's maths).
-        self.logit_scale = nn.Parameter(torch.ones(num_slots)) if logit_scale else None
         self.key_proj = nn.Linear(embed_dim, num_slots * attn_dim)
         self.value_proj = None if share_kv else nn.Linear(embed_dim, num_slots * attn_dim)
         self.out_proj = nn.Linear(attn_dim, slot_dim)
@@ -110,10 +101,7 @@ class SPARO(Readout):
         fewer multiply-adds than projecting every token.
         """
         key_weight, key_bias = self._per_slot(self.key_proj)
-        queries = self.queries / math.sqrt(self.attn_dim)
-        if self.logit_scale is not None:
-            queries = queries * self.logit_scale[:, None]
-        queries = queries.to(key_weight.dtype)
+        queries = (self.queries / math.sqrt(self.attn_dim)).to(key_weight.dtype)
         score_weight = torch.einsum("lh,lhd->ld", queries, key_weight)
         score_bias = (queries * key_bias).sum(dim=-1)
         attention = F.linear(tokens, score_weight, score_bias).transpose(1, 2).softmax(dim=-1)  # (B, L, N)
@@ -151,8 +139,7 @@ class SPARO(Readout):
 
     @classmethod
     def parameter_group(cls, config: Mapping[str, Any], name: str, param: nn.Parameter) -> tuple[float, bool | None]:
-        decayed = False if not config["sparo_weight_decay"] and name in _TEMPERATURE_TENSORS else None
-        return float(config["sparo_lr_mult"]), decayed
+        return float(config["sparo_lr_mult"]), None
 
     def reference_forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """SPARO as first written: keys (B, L, N, H) of every token for every slot, then the weighted sum."""
@@ -161,8 +148,6 @@ class SPARO(Readout):
         values = keys if self.value_proj is None else \
             self.value_proj(tokens).view(batch, num_tokens, self.num_slots, self.attn_dim).transpose(1, 2)
         logits = torch.einsum("blnh,lh->bln", keys, self.queries) / math.sqrt(self.attn_dim)
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale[:, None]
         slots = self.out_proj(torch.einsum("bln,blnh->blh", logits.softmax(dim=-1), values))
         if self.slot_norm:
             slots = F.normalize(slots, dim=-1) * math.sqrt(1.0 / self.num_slots)
@@ -171,8 +156,7 @@ class SPARO(Readout):
     @classmethod
     def infer_options(cls, state_dict: Mapping[str, torch.Tensor], embed_dim: int, num_heads: int) -> dict[str, Any]:
         queries, out_proj = state_dict.get("sparo.queries"), state_dict.get("sparo.out_proj.weight")
-        inferred: dict[str, Any] = {"sparo_share_kv": "sparo.value_proj.weight" not in state_dict,
-                                    "sparo_logit_scale": "sparo.logit_scale" in state_dict}
+        inferred: dict[str, Any] = {"sparo_share_kv": "sparo.value_proj.weight" not in state_dict}
         if queries is not None and queries.ndim == 2:
             inferred.update(sparo_slots=int(queries.shape[0]), sparo_attn_dim=int(queries.shape[1]))
         if out_proj is not None and out_proj.ndim == 2:
@@ -181,5 +165,4 @@ class SPARO(Readout):
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_slots={self.num_slots}, slot_dim={self.slot_dim}, "
-                f"attn_dim={self.attn_dim}, share_kv={self.share_kv}, slot_norm={self.slot_norm}, "
-                f"logit_scale={self.logit_scale is not None}")
+                f"attn_dim={self.attn_dim}, share_kv={self.share_kv}, slot_norm={self.slot_norm}")
