@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from collections.abc import Sequence
 
 from .errors import UserError, run_cli
+from .logger import setup_logging
 from .models.factory import build_pretrained_backbone
 from .utils.files import write_atomic_or_explain
 from .weight_formats import CONFIG_METADATA_KEY, SAFETENSORS_SUFFIX, config_path, save_safetensors_atomic
+
+logger = logging.getLogger(__name__)
 
 
 def export_backbone(checkpoint: str, out: str, checkpoint_key: str = "teacher") -> tuple[str, str]:
@@ -44,8 +48,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("out", help="output path; .safetensors is added unless given, the config goes to OUT.json")
     parser.add_argument("--checkpoint_key", default="teacher", help="which model of the checkpoint to export")
     args = parser.parse_args(argv)
+    setup_logging()
     weights_path, json_path = export_backbone(args.checkpoint, args.out, args.checkpoint_key)
-    print(f"wrote {weights_path} and {json_path}")
+    logger.info(f"wrote {weights_path} and {json_path}")
 
 
 if __name__ == "__main__":

@@ -91,3 +91,32 @@ def test_demo_dataset_layout_and_determinism(tmp_path):
     stamp = os.path.getmtime(os.path.join(first, "info.json"))
     assert ensure_demo_dataset(first, num_train=12, num_val=4, image_size=32, seed=3, verbose=False) == first
     assert os.path.getmtime(os.path.join(first, "info.json")) == stamp
+
+
+def test_persistent_workers_follow_each_epochs_order_and_a_resumed_epoch(tmp_path):
+    """The training loader keeps its workers for the whole run; the sampler, which deals indices and seeds from
+    the main process, still decides each epoch: the batches of epoch 1, and of epoch 1 resumed after 2 batches,
+    are exactly those a fresh loader without workers draws."""
+    from helpers import make_images, tiny_config
+
+    from dino_sparo.distributed import DistributedContext
+    from dino_sparo.train.data import build_training_data
+
+    images = make_images(tmp_path / "data", count=16, size=32)
+
+    def epoch(data, number: int, samples_done: int = 0) -> list[torch.Tensor]:
+        data.sampler.set_epoch(number)
+        data.sampler.samples_done = samples_done
+        return [torch.cat([crop.flatten(1) for crop in crops], 1) for crops, _, _ in data.loader]
+
+    context = DistributedContext()
+    persistent = build_training_data(tiny_config(images, tmp_path / "out", "--num_workers", "1"), context)
+    fresh = build_training_data(tiny_config(images, tmp_path / "out"), context)  # TINY: no workers
+    assert persistent.loader.persistent_workers and not fresh.loader.persistent_workers
+    first = epoch(persistent, 0)
+    second = epoch(persistent, 1)
+    assert len(second) == 4 and not all(torch.equal(a, b) for a, b in zip(first, second))
+    for got, expected in zip(second, epoch(fresh, 1)):
+        assert torch.equal(got, expected)
+    resumed = epoch(persistent, 1, samples_done=8)
+    assert len(resumed) == 2 and all(torch.equal(got, expected) for got, expected in zip(resumed, second[2:]))

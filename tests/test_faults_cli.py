@@ -115,8 +115,9 @@ def test_resume_refuses_other_architecture_and_unreadable_checkpoints(files, cap
     (["--pretrained_weights", "{root}/truncated.pth"], "not a readable PyTorch checkpoint"),
     (["--pretrained_weights", "{root}/malicious.pth"], "refusing to load"),
     (["--checkpoint_key", "bogus"], "has no key 'bogus'; keys holding weights: dino_loss, student, teacher"),
-    (["--arch", "vit_small"], "shape"),
-    (["--sparo_slots", "4"], "sparo"),
+    (["--arch", "vit_small"], "does not match the backbone architecture: cls_token has shape (1, 1, 192) in the "
+                              "checkpoint but (1, 1, 384) in the model"),
+    (["--sparo_slots", "4"], "sparo.queries has shape (6, 64) in the checkpoint but (4, 64) in the model"),
     (["--slots", "0,99"], "--slots 99 out of range: this model has 6 slots"),
     (["--per_slot", "--output_dir", "{root}/a_file/out"], "--output_dir {root}/a_file/out cannot be written"),
     (["--dump_features", "{root}/a_file/feats"], "--dump_features {root}/a_file/feats cannot be written"),
@@ -209,6 +210,8 @@ def test_unreadable_files_are_skipped_by_the_evaluation(files, tmp_path, capsys)
     (tmp_path / "data" / "val" / "class_01" / "text.jpg").write_text("not an image")
     results = eval_knn.main(["--pretrained_weights", files["checkpoint"], "--data_path", data, *EVAL_SMALL,
                              "--nb_knn", "1"])
-    assert "1" in results["knn"]
+    # each unreadable file was replaced by the next readable image, with that image's label: the colours still
+    # separate the classes (chance: 50%)
+    assert results["knn"]["1"]["top1"] >= 75
     err = capsys.readouterr().err
     assert "skipping unreadable image" in err and "zero.png" in err and "text.jpg" in err

@@ -51,7 +51,11 @@ def test_one_rank_failing_without_a_launcher_ends_the_other(tmp_path):
         for handle in logs:
             handle.close()
     assert codes[1] != 0 and "injected fault" in read(str(tmp_path / "rank1.err"))
-    assert codes[0] != 0  # the survivor ended on its own, with an error
+    # the survivor ended on its own: exit 4 and the one line that names the cause, no traceback
+    survivor = read(str(tmp_path / "rank0.err"))
+    assert codes[0] == 4, survivor[-2000:]
+    assert "error: another process of the job died or lost its connection" in survivor
+    assert "Traceback" not in survivor
 
 
 @pytest.mark.slow

@@ -3,8 +3,8 @@ skipped and counted), train/val splits sharing one class index, and the samplers
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -16,6 +16,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from ..distributed import shard_bounds
 from ..errors import UserError
 from .images import READ_ERRORS, images_under, is_image_file, load_rgb
+
+logger = logging.getLogger(__name__)
 
 
 def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str], int]:
@@ -120,8 +122,8 @@ class ImageDataset(Dataset):
         except READ_ERRORS as error:
             if path not in self._reported:
                 self._reported.add(path)
-                print(f"warning: skipping unreadable image {path} ({type(error).__name__}: {error})",
-                      file=sys.stderr, flush=True)
+                logger.warning(f"warning: skipping unreadable image {path} ({type(error).__name__}: {error})",
+                               extra={"all_ranks": True})
             return None
         return image if decode_only or self.transform is None else self.transform(image)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import shutil
@@ -13,6 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import UserError
+
+logger = logging.getLogger(__name__)
 
 DEMO_VERSION = 5
 DEMO_SHAPES = ("circle", "square", "triangle", "cross")
@@ -130,8 +133,8 @@ def ensure_demo_dataset(root: str | None = None, num_train: int = 2000, num_val:
     elif os.path.exists(root) and os.listdir(root):
         raise UserError(f"{root} exists and is not a demo data folder; choose another --demo_data_dir")
     if verbose:
-        print(f"generating the demo data set ({num_train} train + {num_val} val images, {image_size} px) "
-              f"in {root}", flush=True)
+        logger.info(f"generating the demo data set ({num_train} train + {num_val} val images, {image_size} px) "
+                    f"in {root}")
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     temporary = f"{root}.tmp-{os.getpid()}"

@@ -1,8 +1,8 @@
 """Finding, reading and sizing the images to visualise."""
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,8 @@ from torchvision.transforms import functional as TF
 from ..data.images import READ_ERRORS, images_under, load_rgb
 from ..data.transforms import normalize
 from ..errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,8 +66,7 @@ def prepare_images(paths: Sequence[Path], image_size: Sequence[int], patch_size:
         try:
             image = load_rgb(str(path))
         except READ_ERRORS as error:
-            print(f"warning: skipping unreadable image {path} ({type(error).__name__}: {error})", file=sys.stderr,
-                  flush=True)
+            logger.warning(f"warning: skipping unreadable image {path} ({type(error).__name__}: {error})")
             continue
         pixels = resize_to_patch_multiple(image, image_size, patch_size)
         tensor = normalize()(pixels)

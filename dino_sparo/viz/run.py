@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from PIL import Image
 from ..cli import ensure_writable_dir
 from ..distributed import resolve_device
 from ..errors import UserError
+from ..logger import setup_logging
 from ..eval.slot_stats import PEAKEDNESS_HELP, SlotStatistics, slot_statistics
 from ..eval.slots import check_slots
 from ..models.factory import build_pretrained_backbone
@@ -21,6 +23,8 @@ from ..utils.files import write_json_atomic
 from . import render
 from .attention import head_cls_attention, patch_grid, slot_attention
 from .images import PreparedImage, find_images, prepare_images
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TOP_SLOTS = 16
 DEFAULT_ATTRIBUTE_SLOTS = 4
@@ -82,6 +86,7 @@ def _tile_rows(images: Sequence[PreparedImage], maps: Sequence[torch.Tensor], in
 
 def visualize(args: argparse.Namespace) -> dict[str, Any]:
     """Writes ``slots.png`` (SPARO models), ``heads.png`` and ``summary.json`` to ``args.output_dir``."""
+    setup_logging()
     if len(args.image_size) > 2:
         raise UserError(f"--image_size takes one size (shorter side) or two (height width), got "
                         f"{len(args.image_size)} values")
@@ -151,7 +156,7 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
 
     columns = f"{len(images)} image column(s)"
     if draw_slots:
-        print(f"slots.png: slots {', '.join(map(str, chosen))} ({how}), {columns}", flush=True)
-    print(f"heads.png: CLS attention of the {num_heads} heads of block {len(model.blocks) - 1}, {columns}", flush=True)
-    print(f"wrote {', '.join(summary['files'])} and summary.json to {output_dir}", flush=True)
+        logger.info(f"slots.png: slots {', '.join(map(str, chosen))} ({how}), {columns}")
+    logger.info(f"heads.png: CLS attention of the {num_heads} heads of block {len(model.blocks) - 1}, {columns}")
+    logger.info(f"wrote {', '.join(summary['files'])} and summary.json to {output_dir}")
     return summary
