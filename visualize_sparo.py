@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dino_sparo.cli import positive_int, slot_list
+from dino_sparo.cli import ArgumentParser, positive_int, slot_list
 from dino_sparo.errors import run_cli
 from dino_sparo.eval.slot_stats import PEAKEDNESS_HELP
 from dino_sparo.models.flags import add_model_args
@@ -16,8 +16,8 @@ from dino_sparo.viz.run import DEFAULT_TOP_SLOTS, visualize
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "visualize_sparo", description="Writes slots.png (one row per slot, one column per image), heads.png "
+    parser = ArgumentParser(
+        "visualize_sparo.py", description="Writes slots.png (one row per slot, one column per image), heads.png "
         "(CLS self-attention of each head of the last remaining block) and summary.json to --output_dir.")
     parser.add_argument("--pretrained_weights", required=True,
                         help="checkpoint: this project's (architecture from its saved args) or DINO-format")

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
+from typing import NoReturn
 
 from .errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with a bad command line reported in one line (``error: ...``, exit 2) instead of the
+    usage block, which for main_dino.py's flags runs to dozens of lines."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

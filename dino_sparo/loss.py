@@ -59,7 +59,11 @@ class DINOLoss(nn.Module):
         """log_softmax(s / student_temp) as (ncrops, B, out_dim), in float32."""
         return F.log_softmax(student_output.float() / self.student_temp, dim=-1).view(self.ncrops, -1, self.out_dim)
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
+                update_center: bool = True) -> torch.Tensor:
+        """The loss with the current center; then (``update_center``) the center's EMA step on this batch. With
+        gradient accumulation the center moves once per optimizer step instead: pass ``update_center=False`` for
+        each micro-batch and give :meth:`update_center_from_sum` their :meth:`teacher_sum`."""
         teacher = self.teacher_probabilities(teacher_output, epoch)
         student = self.student_log_probabilities(student_output)
         # Sum over all pairs with one reduction instead of DINO's double loop: teacher view i meets every
@@ -67,15 +71,26 @@ class DINOLoss(nn.Module):
         other_views = student.sum(dim=0, keepdim=True) - student[:2]
         per_sample = -(teacher * other_views).sum(dim=-1)  # (2, B): summed over the student views of each pair
         loss = per_sample.mean(dim=1).sum() / self.num_pairs
-        self.update_center(teacher_output)
+        if update_center:
+            self.update_center(teacher_output)
         return loss
+
+    @staticmethod
+    @torch.no_grad()
+    def teacher_sum(teacher_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum over the rows of ``teacher_output`` as (1, out_dim) in float32, their count) of this rank."""
+        batch_sum = teacher_output.detach().float().sum(dim=0, keepdim=True)
+        # new_full fills on the device: no host-to-device copy, hence no synchronisation in the step.
+        return batch_sum, batch_sum.new_full((), float(teacher_output.shape[0]))
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
         """EMA of the teacher's batch mean, averaged over ranks when a process group exists."""
-        batch_sum = teacher_output.detach().float().sum(dim=0, keepdim=True)
-        # new_full fills on the device: no host-to-device copy, hence no synchronisation in the step.
-        count = batch_sum.new_full((), float(teacher_output.shape[0]))
+        self.update_center_from_sum(*self.teacher_sum(teacher_output))
+
+    @torch.no_grad()
+    def update_center_from_sum(self, batch_sum: torch.Tensor, count: torch.Tensor) -> None:
+        """The EMA step towards ``batch_sum / count`` summed over ranks (the teacher rows of a whole step)."""
         if is_dist_initialized():
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)

@@ -45,20 +45,23 @@ def test_two_processes_gloo_keep_identical_teachers(tmp_path):
     assert (out / "checkpoint.pth").is_file()
 
 
-def _steps(rank: int, world_size: int, port: int, crops: list[list[torch.Tensor]], out: str) -> None:
-    """Two training steps of a tiny model on this rank's share of every crop batch; saves the result."""
+def _steps(rank: int, world_size: int, port: int, crops: list[list[torch.Tensor]], out: str,
+           accum_steps: int = 1) -> None:
+    """Two optimizer steps of a tiny model, each on this rank's share of a crop batch, in ``accum_steps``
+    micro-batches; saves the result."""
     from dino_sparo.train.build import build_training
     from dino_sparo.train.schedules import build_schedules
 
     if world_size > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    batch = crops[0][0].shape[0] // world_size
+    share = crops[0][0].shape[0] // world_size
+    micro = share // accum_steps
     # SGD and no drop path: the comparison is then exact up to float summation order (AdamW's first step is
     # sign(gradient), which rounding can flip for gradients near zero).
     args = tiny_config("unused", "unused", "--optimizer", "sgd", "--drop_path_rate", "0", "--warmup_epochs", "0",
-                     "--freeze_last_layer", "0", "--batch_size_per_gpu", batch, "--precision", "fp32",
-                     "--epochs", "1", "--lr", "0.5")
+                       "--freeze_last_layer", "0", "--batch_size_per_gpu", micro, "--accum_steps", accum_steps,
+                       "--precision", "fp32", "--epochs", "1", "--lr", "0.5")
     torch.manual_seed(0)
     context = DistributedContext(rank, world_size, rank, torch.device("cpu"))
     step = build_training(args, context)
@@ -66,7 +69,9 @@ def _steps(rank: int, world_size: int, port: int, crops: list[list[torch.Tensor]
     schedules = build_schedules(args, len(crops), world_size)
     for iteration, batch_crops in enumerate(crops):
         schedules.apply(step.optimizer, iteration)
-        step([crop[rank * batch:(rank + 1) * batch] for crop in batch_crops], 0, float(schedules.momentum[iteration]))
+        mine = [crop[rank * share:(rank + 1) * share] for crop in batch_crops]
+        micro_batches = [[crop[index * micro:(index + 1) * micro] for crop in mine] for index in range(accum_steps)]
+        step(micro_batches, 0, float(schedules.momentum[iteration]))
     if rank == 0:
         torch.save({"student": module.state_dict(), "teacher": teacher.state_dict(), "center": dino_loss.center,
                     "lr": schedules.lr[0]}, out)
@@ -74,23 +79,41 @@ def _steps(rank: int, world_size: int, port: int, crops: list[list[torch.Tensor]
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_two_processes_of_half_batches_step_like_one_process_of_the_whole_batch(tmp_path):
-    """DDP's gradient averaging, the all-rank centre and the lr scaled by the world size make 2 processes x
-    batch 2 train exactly like 1 process x batch 4."""
+def _crop_batches(batch: int) -> list[list[torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
-    crops = [[torch.randn(4, 3, size, size, generator=generator) for size in (32, 32, 16, 16)] for _ in range(2)]
-    _steps(0, 1, 0, crops, str(tmp_path / "one.pt"))
-    mp.spawn(_steps, args=(2, free_port(), crops, str(tmp_path / "two.pt")), nprocs=2, join=True)
-    one, two = (torch.load(tmp_path / name, weights_only=False) for name in ("one.pt", "two.pt"))
-    assert one["lr"] == two["lr"] > 0  # 0.5 x 4 / 256 either way
+    return [[torch.randn(batch, 3, size, size, generator=generator) for size in (32, 32, 16, 16)] for _ in range(2)]
+
+
+def _assert_same_training(one: dict, other: dict, atol: float, rtol: float) -> None:
+    assert one["lr"] == other["lr"] > 0  # --lr x the images of an optimizer step / 256, however they are split
     initial, _ = build_models(tiny_config("u", "u", "--drop_path_rate", "0"), torch.device("cpu"))
     moved = [name for name, value in initial.state_dict().items() if not torch.equal(one["student"][name], value)]
     assert len(moved) > 10  # the steps changed the weights, so equality below is not trivial
     for part in ("student", "teacher"):
         for name, value in one[part].items():
-            torch.testing.assert_close(two[part][name], value, atol=2e-6, rtol=1e-4, msg=f"{part} {name}")
-    torch.testing.assert_close(two["center"], one["center"], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(other[part][name], value, atol=atol, rtol=rtol, msg=f"{part} {name}")
+    torch.testing.assert_close(other["center"], one["center"], atol=1e-7, rtol=1e-5)
+
+
+def test_two_accumulated_micro_batches_step_like_one_batch_of_all_their_images(tmp_path):
+    """--accum_steps 2 with batch 4 equals batch 8 after each optimizer step: the loss averaged over the 8 images,
+    the center moved once from all of them, the EMA once (fp32, no drop path)."""
+    crops = _crop_batches(8)
+    _steps(0, 1, 0, crops, str(tmp_path / "whole.pt"))
+    _steps(0, 1, 0, crops, str(tmp_path / "accumulated.pt"), accum_steps=2)
+    whole, accumulated = (torch.load(tmp_path / name, weights_only=False) for name in ("whole.pt", "accumulated.pt"))
+    _assert_same_training(whole, accumulated, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_accumulating_step_like_one_process_of_the_whole_batch(tmp_path):
+    """DDP's gradient averaging (skipped by no_sync on the first micro-batch), the all-rank centre and the lr
+    scaled by the effective batch make 2 processes x 2 micro-batches of 2 train exactly like 1 process x batch 8."""
+    crops = _crop_batches(8)
+    _steps(0, 1, 0, crops, str(tmp_path / "one.pt"))
+    mp.spawn(_steps, args=(2, free_port(), crops, str(tmp_path / "two.pt"), 2), nprocs=2, join=True)
+    one, two = (torch.load(tmp_path / name, weights_only=False) for name in ("one.pt", "two.pt"))
+    _assert_same_training(one, two, atol=2e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -80,3 +80,34 @@ def test_exporting_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     error = one_line_error(export.main, [str(tmp_path / "nothing.pth"), str(tmp_path / "out")], capsys)
     assert "checkpoint not found" in error
     assert not os.path.exists(tmp_path / "out.safetensors")
+
+
+def test_an_export_with_its_head_starts_a_run_from_backbone_read_out_and_head(tmp_path):
+    """Unlike Meta's releases (backbones only), ``--with_head`` exports what continuing self-supervised training
+    needs: --init_from the export gives the student every tensor of the source teacher, head included."""
+    from helpers import make_images, tiny_config
+
+    from dino_sparo.checkpoint import load_student_weights
+    from dino_sparo.train import train_dino
+    from dino_sparo.train.build import build_models
+
+    data = make_images(tmp_path / "data", count=8)
+    train_dino(tiny_config(data, tmp_path / "run", "--epochs", "1"))
+    export.main([str(tmp_path / "run" / "checkpoint.pth"), str(tmp_path / "full"), "--with_head"])
+    config = json.loads((tmp_path / "full.json").read_text())
+    assert config["out_dim"] == 256 and config["head_bottleneck_dim"] == 32 and config["sparo_slots"] == 4
+    source = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["teacher"]
+    torch.manual_seed(1)  # another initialisation than the source's
+    student, _ = build_models(tiny_config(data, tmp_path / "next"), torch.device("cpu"))
+    load_student_weights(student, str(tmp_path / "full.safetensors"), verbose=False)
+    state = student.state_dict()
+    assert state.keys() == source.keys()
+    for name, value in source.items():
+        assert torch.equal(state[name], value), name
+
+
+def test_exporting_the_head_of_weights_without_one_is_a_one_line_error(tmp_path, capsys):
+    write_main_dino_checkpoint(str(tmp_path / "checkpoint.pth"))  # its args lack the head's sizes
+    error = one_line_error(export.main, [str(tmp_path / "checkpoint.pth"), str(tmp_path / "out"), "--with_head"],
+                           capsys)
+    assert "has no DINO head to export with its flags" in error and not os.path.exists(tmp_path / "out.safetensors")

@@ -58,10 +58,12 @@ def test_kill_9_during_a_checkpoint_write_and_mid_epoch_then_the_same_command_fi
 def test_sigterm_saves_the_current_iteration_and_the_rerun_resumes_there(tmp_path):
     data = make_images(tmp_path / "data", count=32)
     out = tmp_path / "out"
+    # 8 batches of 4 per epoch, 2 per optimizer step (--accum_steps 2): 4 iterations per epoch
     command = [*script("main_dino.py"), *TINY, "--data_path", data, "--output_dir", out, "--epochs", "2",
-               "--log_freq", "1", "--saveckp_freq", "0", "--num_workers", "2"]
-    # SIGTERM arrives during the 3rd step (iteration 2), to the whole process group as torchrun sends it, so
-    # the DataLoader workers get it too: that step completes, then the run stops and saves.
+               "--log_freq", "1", "--saveckp_freq", "0", "--num_workers", "2", "--accum_steps", "2"]
+    # SIGTERM arrives during the 3rd optimizer step (iteration 2), to the whole process group as torchrun sends
+    # it, so the DataLoader workers get it too: that step (both its micro-batches) completes, then the run stops
+    # and saves: never between the micro-batches of a step.
     stopped = run(command, timeout=180, env=environment(fault="group:SIGTERM:step=3"))
     text = stopped.stdout + stopped.stderr
     assert stopped.returncode == EXIT_PREEMPTED, text[-3000:]
@@ -70,18 +72,19 @@ def test_sigterm_saves_the_current_iteration_and_the_rerun_resumes_there(tmp_pat
     assert lines == [f"stopped: preempted by SIGTERM at epoch 0, iteration 3: the state was saved to "
                      f"{out / 'checkpoint.pth'}; run the same command again to resume from there"]
     (checkpoint,) = assert_every_checkpoint_loads(out)
-    assert checkpoint["epoch"] == 0 and checkpoint["iteration"] == 3
+    assert (checkpoint["epoch"], checkpoint["iteration"], checkpoint["samples_done"]) == (0, 3, 24)
     assert not (out / "log.txt").exists() or (out / "log.txt").read_text() == ""  # no epoch finished
 
     completed = run(command, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "at epoch 0, iteration 3 of 8 (a preempted epoch)" in completed.stdout
-    assert "Epoch: [0/2] [4/8]" in completed.stdout and "Epoch: [0/2] [3/8]" not in completed.stdout
+    assert "at epoch 0, iteration 3 of 4 (a preempted epoch)" in completed.stdout
+    assert "Epoch: [0/2] [4/4]" in completed.stdout and "Epoch: [0/2] [3/4]" not in completed.stdout
     (final,) = assert_every_checkpoint_loads(out)
     assert final["epoch"] == 2 and "iteration" not in final
     epochs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
     assert epochs == [0, 1]
-    # the resumed epoch took the very steps of an uninterrupted run (crops, through 2 workers, and stochastic depth)
+    # the resumed epoch took the very steps of an uninterrupted run (crops, through 2 workers, stochastic depth and
+    # the accumulated micro-batches)
     straight = run([*command[:command.index(out)], tmp_path / "straight", *command[command.index(out) + 1:]],
                    timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]

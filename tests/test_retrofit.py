@@ -43,7 +43,7 @@ def _step(shared: bool):
         step.frozen_blocks = None
     generator = torch.Generator().manual_seed(1)
     crops = [torch.randn(4, 3, size, size, generator=generator) for size in (32, 32, 16, 16)]
-    values = step(crops, epoch=1, momentum=0.9)
+    values = step([crops], epoch=1, momentum=0.9)
     grads = {name: param.grad.clone() for name, param in student.named_parameters() if param.grad is not None}
     return values["loss"], grads, student, teacher
 

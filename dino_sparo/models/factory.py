@@ -6,7 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from ..checkpoint import load_pretrained_weights, read_weights, summarise_keys
+from ..checkpoint import Weights, load_pretrained_weights, read_weights, summarise_keys
 from ..errors import UserError
 from .backbone import ReadoutBackbone
 from .config import ModelConfig
@@ -29,16 +29,23 @@ def build_backbone(config: ModelConfig, drop_path_rate: float = 0.0) -> ReadoutB
 
 def build_pretrained_backbone(path: str, checkpoint_key: str, flags: Mapping[str, Any], verbose: bool = True
                               ) -> tuple[ReadoutBackbone, ModelConfig]:
-    """The frozen backbone (eval mode, no gradients) of ``path``, every parameter loaded from it, and its config.
+    """The frozen backbone (eval mode, no gradients) of ``path``, every parameter loaded from it, and its config:
+    :func:`backbone_from_weights` of the weights under ``checkpoint_key``."""
+    if not path:
+        raise UserError("--pretrained_weights is required (there is no download of official weights)")
+    return backbone_from_weights(read_weights(path, checkpoint_key), flags, verbose)
+
+
+def backbone_from_weights(weights: Weights, flags: Mapping[str, Any], verbose: bool = True
+                          ) -> tuple[ReadoutBackbone, ModelConfig]:
+    """The frozen backbone of weights read by :func:`~dino_sparo.checkpoint.read_weights`, and its config.
 
     The architecture comes from explicit ``flags`` (None: not given), else the checkpoint's saved args, else its
     weights: a DINO-format checkpoint without read-out tensors is evaluated with the CLS read-out unless
     ``--readout`` says otherwise. A missing or mis-shaped tensor is a :class:`UserError`: evaluating partly random
     weights is never meant. ``verbose``: log what was loaded.
     """
-    if not path:
-        raise UserError("--pretrained_weights is required (there is no download of official weights)")
-    weights = read_weights(path, checkpoint_key)
+    path, checkpoint_key = weights.path, weights.key
     config = ModelConfig.resolve(flags, weights.saved_args, weights.backbone)
     if weights.saved_args is None and verbose:
         logger.info(f"{path} has no saved args: the architecture comes from its weights ({config.arch}/"

@@ -50,6 +50,7 @@ class TrainConfig:
     weight_decay_end: float
     clip_grad: float
     batch_size_per_gpu: int
+    accum_steps: int
     epochs: int
     freeze_last_layer: int
     lr: float
@@ -96,6 +97,10 @@ class TrainConfig:
     @property
     def ncrops(self) -> int:
         return 2 + self.local_crops_number
+
+    def images_per_step(self, world_size: int) -> int:
+        """The effective batch: images of one optimizer step over all processes."""
+        return self.batch_size_per_gpu * self.accum_steps * world_size
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON types, model flags flattened in: a checkpoint's ``args``, from which the

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import BARE_IS_TRUE, HelpFormatter, block_count_or_all, bool_flag, non_negative_int, positive_int
+from ..cli import (
+    BARE_IS_TRUE,
+    ArgumentParser,
+    HelpFormatter,
+    block_count_or_all,
+    bool_flag,
+    non_negative_int,
+    positive_int,
+)
 from ..models.flags import add_model_args
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -13,8 +21,8 @@ OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="DINO pretraining with a SPARO read-out",
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="main_dino.py", description="DINO pretraining with a SPARO read-out",
+                            formatter_class=HelpFormatter)
     parser.add_argument("--config", dest="config_file", default=None, metavar="FILE",
                         help="a recipe: a YAML file of flag values (or the name of one in configs/, e.g. "
                         "vits16_1gpu); flags given on the command line override it")
@@ -45,7 +53,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--weight_decay", type=float, default=0.04, help="initial weight decay")
     group.add_argument("--weight_decay_end", type=float, default=0.4, help="final weight decay (cosine schedule)")
     group.add_argument("--clip_grad", type=float, default=3.0, help="per-parameter gradient norm clip; 0 disables")
-    group.add_argument("--batch_size_per_gpu", type=positive_int, default=64, help="images per process and step")
+    group.add_argument("--batch_size_per_gpu", type=positive_int, default=64,
+                       help="images per process and forward pass")
+    group.add_argument("--accum_steps", type=positive_int, default=1,
+                       help="gradient accumulation: forward passes per optimizer step, so the effective batch is "
+                       "accum_steps x batch_size_per_gpu x processes; the loss is averaged over it, the teacher's "
+                       "center and EMA move once per optimizer step, and every schedule and --lr's batch scaling "
+                       "count optimizer steps")
     group.add_argument("--epochs", type=positive_int, default=100, help="training epochs")
     group.add_argument("--freeze_last_layer", type=non_negative_int, default=1,
                        help="epochs during which the head's last layer is not updated")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -19,6 +20,18 @@ from .schedules import Schedules
 from .step import TrainStep
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def optimizer_steps(loader: Iterable[T], accum_steps: int) -> Iterator[list[T]]:
+    """The loader's batches in groups of ``accum_steps``, one group per optimizer step; the last fewer than
+    ``accum_steps`` batches of an epoch are left out, as ``drop_last`` leaves out an incomplete batch."""
+    group: list[T] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accum_steps:
+            yield group
+            group = []
 
 
 @dataclass
@@ -40,22 +53,24 @@ def train_one_epoch(step: TrainStep, data: TrainingData, epoch: int, niter: int,
     skipped = 0
     epoch_start = interval_start = last_ready = time.time()
     data_time = data_wait = 0.0
-    images_per_step = config.batch_size_per_gpu * ctx.world_size
+    images_per_step = config.images_per_step(ctx.world_size)
     stopped_at = None
     steps_run = 0
-    for index, (crops, _, skipped_here) in enumerate(data.loader, start=first_iteration):
+    for index, batches in enumerate(optimizer_steps(data.loader, config.accum_steps), start=first_iteration):
         steps_run += 1
         waited = time.time() - last_ready
         data_time += waited
         data_wait += waited
         iteration = epoch * niter + index
         schedules.apply(step.optimizer, iteration)
-        skipped += int(skipped_here.sum())
+        skipped += sum(int(skipped_here.sum()) for _, _, skipped_here in batches)
         # The step's own draws (stochastic depth) from (seed, iteration, rank): a run resumed in the middle of an
         # epoch then takes the very steps of an uninterrupted one.
         torch.manual_seed(((config.seed * 7_919 + iteration) * 104_729 + ctx.rank) % 2**63)  # not the views' seed
+        micro_batches = [data.views(crops, iteration * config.accum_steps + micro)
+                         for micro, (crops, _, _) in enumerate(batches)]
         try:
-            values = step(data.views(crops, iteration), epoch, float(schedules.momentum[iteration]))
+            values = step(micro_batches, epoch, float(schedules.momentum[iteration]))
         except torch.OutOfMemoryError:
             raise out_of_memory_error(config, ctx.device, epoch, index) from None
         nonfinite.update(values["loss"], index)
@@ -70,7 +85,7 @@ def train_one_epoch(step: TrainStep, data: TrainingData, epoch: int, niter: int,
             steps = (index % config.log_freq) + 1
             images_per_s = images_per_step * steps / max(elapsed, 1e-9)
             logger.info(metrics.progress_line(index, images_per_s, data_time / steps, elapsed / steps,
-                                      max_memory_mb(ctx.device)))
+                                              max_memory_mb(ctx.device)))
             log.scalars({**latest, "images_per_s": images_per_s}, iteration)
             interval_start, data_time = time.time(), 0.0
         if guard is not None and index < niter - 1 and guard.agreed_stop(index):

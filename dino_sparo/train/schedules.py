@@ -40,13 +40,15 @@ class Schedules:
 
 
 def peak_learning_rate(config: TrainConfig, world_size: int) -> float:
-    """``--lr`` is given for 256 images: the peak learning rate scales linearly with the global batch."""
-    return config.lr * config.batch_size_per_gpu * world_size / 256.0
+    """``--lr`` is given for 256 images: the peak learning rate scales linearly with the effective batch (with
+    gradient accumulation, the images of one optimizer step)."""
+    return config.lr * config.images_per_step(world_size) / 256.0
 
 
 def build_schedules(config: TrainConfig, niter_per_epoch: int, world_size: int) -> Schedules:
     """The learning rate (:func:`peak_learning_rate`) warms up linearly and decays by a cosine to min_lr; weight
-    decay rises by a cosine; the teacher momentum rises to 1."""
+    decay rises by a cosine; the teacher momentum rises to 1; one value per optimizer step (``niter_per_epoch`` of
+    them per epoch)."""
     return Schedules(
         lr=cosine_scheduler(peak_learning_rate(config, world_size), config.min_lr, config.epochs, niter_per_epoch,
                             warmup_epochs=config.warmup_epochs),

@@ -1,10 +1,12 @@
 """One DINO optimisation step, free of host synchronisation so the GPU is never left waiting on Python."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
 from ..loss import DINOLoss, training_signals
@@ -42,26 +44,49 @@ class TrainStep:
         trainable = [name for name, param in student_named.items() if param.requires_grad]
         self.ema_pairs = ([student_named[k] for k in trainable], [teacher_named[k] for k in trainable])
 
-    def __call__(self, crops: list[torch.Tensor], epoch: int, momentum: float) -> dict[str, torch.Tensor]:
-        """Returns the loss and the health signals as device tensors (read them at logging intervals only).
+    def __call__(self, micro_batches: Sequence[list[torch.Tensor]], epoch: int,
+                 momentum: float) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``micro_batches`` (``--accum_steps`` of them, each a list of crops); returns the
+        loss and the health signals as device tensors (read them at logging intervals only).
 
-        Each phase runs in a ``torch.profiler.record_function`` scope (``dino_sparo:forward``, ``:loss``,
-        ``:backward``, ``:clip``, ``:optimizer``, ``:ema``), which costs nothing unless a profiler is recording."""
-        with self.autocast():
-            with record_function("dino_sparo:forward"):
-                shared = {}
-                if self.frozen_blocks is not None:
-                    shared = {"frozen_tokens": self.student_module.frozen_tokens(crops, self.frozen_blocks),
-                              "frozen_blocks": self.frozen_blocks}
-                with torch.no_grad():
-                    teacher_output = self.teacher(crops[:2], **shared)
-                student_output = self.student(crops, **shared)
-            with record_function("dino_sparo:loss"):
-                signals = training_signals(self.dino_loss, student_output, teacher_output, epoch)
-                loss = self.dino_loss(student_output, teacher_output, epoch)
+        The gradients of the micro-batches add up to those of one batch of all their images: each micro-batch's
+        loss is divided by their number, the DDP all-reduce runs on the last one only (``no_sync`` before), the
+        teacher's center moves once from all of them, and clipping, the last-layer freeze, the optimizer and the
+        teacher's EMA run once. Each phase runs in a ``torch.profiler.record_function`` scope
+        (``dino_sparo:forward``, ``:loss``, ``:backward``, ``:clip``, ``:optimizer``, ``:ema``), which costs
+        nothing unless a profiler is recording."""
+        count = len(micro_batches)
         self.optimizer.zero_grad(set_to_none=True)
-        with record_function("dino_sparo:backward"):
-            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        loss = torch.zeros((), device=self.device)
+        signals: dict[str, torch.Tensor] = {}
+        teacher_sums = []
+        for index, crops in enumerate(micro_batches):
+            # DDP averages gradients over ranks when the backward of the last micro-batch ends
+            distributed = isinstance(self.student, DistributedDataParallel)
+            sync = self.student.no_sync if distributed and index < count - 1 else nullcontext
+            with sync():
+                with self.autocast():
+                    with record_function("dino_sparo:forward"):
+                        shared = {}
+                        if self.frozen_blocks is not None:
+                            shared = {"frozen_tokens": self.student_module.frozen_tokens(crops, self.frozen_blocks),
+                                      "frozen_blocks": self.frozen_blocks}
+                        with torch.no_grad():
+                            teacher_output = self.teacher(crops[:2], **shared)
+                        student_output = self.student(crops, **shared)
+                    with record_function("dino_sparo:loss"):
+                        for name, value in training_signals(self.dino_loss, student_output, teacher_output,
+                                                            epoch).items():
+                            signals[name] = signals.get(name, 0) + value / count
+                        micro_loss = self.dino_loss(student_output, teacher_output, epoch, update_center=False)
+                        micro_loss = micro_loss / count
+                        teacher_sums.append(self.dino_loss.teacher_sum(teacher_output))
+                with record_function("dino_sparo:backward"):
+                    (micro_loss if self.scaler is None else self.scaler.scale(micro_loss)).backward()
+            loss = loss + micro_loss.detach()
+        with record_function("dino_sparo:loss"):
+            self.dino_loss.update_center_from_sum(sum(part[0] for part in teacher_sums),
+                                                  sum(part[1] for part in teacher_sums))
         with record_function("dino_sparo:clip"):
             if self.clip_grad:
                 if self.scaler is not None:
@@ -76,4 +101,4 @@ class TrainStep:
                 self.optimizer.step()
         with record_function("dino_sparo:ema"):
             update_teacher(*self.ema_pairs, momentum)
-        return {"loss": loss.detach(), **signals}
+        return {"loss": loss, **signals}

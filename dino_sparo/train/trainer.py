@@ -17,7 +17,7 @@ from ..checkpoint import TrainState, load_student_weights
 from ..cli import ensure_writable_dir
 from ..data.demo import DEMO_CLASS_LABEL, ensure_demo_dataset
 from ..distributed import DistributedContext, barrier, init_distributed, peer_failure
-from ..errors import Preempted
+from ..errors import Preempted, UserError
 from ..logger import setup_logging
 from ..loss import DINOLoss
 from ..utils.files import remove_stale_temporaries
@@ -70,7 +70,10 @@ def train_dino(config: TrainConfig) -> TrainResult:
                 f"{trainable / 1e6:.2f} M trainable{frozen} ({model.arch}/{model.patch_size}, depth {model.depth}, "
                 f"read-out {model.readout}, feature dim {student.backbone.feature_dim}); precision "
                 f"{config.precision}; device {ctx.device}; {ctx.world_size} process(es)")
-    niter = len(data.loader)
+    niter = len(data.loader) // config.accum_steps
+    if niter == 0:
+        raise UserError(f"an epoch has {len(data.loader)} batches per process, fewer than --accum_steps "
+                        f"{config.accum_steps}: lower --accum_steps or --batch_size_per_gpu")
     schedules = build_schedules(config, niter, ctx.world_size)
     checkpoint_path = os.path.join(config.output_dir, "checkpoint.pth")
     state = TrainState(student, teacher, step.optimizer, step.dino_loss, step.scaler, config.to_dict(),
@@ -87,7 +90,7 @@ def train_dino(config: TrainConfig) -> TrainResult:
         run_facts.update(resumed_from_epoch=start_epoch, resumed_from_iteration=start_iteration)
     monitor = (SlotMonitor(config.data_path, config.global_crop_size, ctx.device, viz_freq=config.viz_freq)
                if ctx.is_main and student.backbone.readout_module.has_attention_maps else None)
-    global_batch = config.batch_size_per_gpu * ctx.world_size
+    global_batch = config.images_per_step(ctx.world_size)
     collapse_warned = False
     try:
         with PreemptionGuard(config.log_freq) as guard:
@@ -169,18 +172,17 @@ def _resume_or_initialise(config: TrainConfig, state: TrainState, checkpoint_pat
         logger.info(f"{checkpoint_path} was saved without fp16 training: starting a fresh GradScaler")
     epoch, iteration, samples_done = resumed.epoch, 0, resumed.samples_done
     if samples_done:
-        left = max(0, num_samples - samples_done) // (config.batch_size_per_gpu * ctx.world_size)
+        left = max(0, num_samples - samples_done) // config.images_per_step(ctx.world_size)
         iteration = niter - left
         if left == 0:  # nothing left of it at this global batch (or the data set shrank): the epoch counts as done
             epoch, iteration, samples_done = epoch + 1, 0, 0
     if resumed.world_size != ctx.world_size:
         before = resumed.world_size
         logger.info(f"resuming a run of {before} process(es) on {ctx.world_size}: the global batch is now "
-                    f"{config.batch_size_per_gpu * ctx.world_size} images (was {config.batch_size_per_gpu * before}),"
-                    f" so the peak learning rate (--lr {config.lr:g} x global batch / 256) is now "
+                    f"{config.images_per_step(ctx.world_size)} images (was {config.images_per_step(before)}), so the "
+                    f"peak learning rate (--lr {config.lr:g} x global batch / 256) is now "
                     f"{peak_learning_rate(config, ctx.world_size):.4g} (was {peak_learning_rate(config, before):.4g}),"
-                    f" and an epoch has {niter} iterations (had "
-                    f"{num_samples // (config.batch_size_per_gpu * before)})")
+                    f" and an epoch has {niter} iterations (had {num_samples // config.images_per_step(before)})")
     where = (f", iteration {iteration} of {niter} (a preempted epoch), after {samples_done} of its {num_samples} "
              f"images" if samples_done else "")
     logger.info(f"resumed from {checkpoint_path} at epoch {epoch}{where} (epochs done: {epoch} of {config.epochs})"

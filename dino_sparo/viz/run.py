@@ -15,9 +15,9 @@ from PIL import Image
 from ..cli import ensure_writable_dir
 from ..distributed import resolve_device
 from ..errors import UserError
-from ..logger import setup_logging
 from ..eval.slot_stats import PEAKEDNESS_HELP, SlotStatistics, slot_statistics
 from ..eval.slots import check_slots
+from ..logger import setup_logging
 from ..models.factory import build_pretrained_backbone
 from ..utils.files import write_json_atomic
 from . import render
