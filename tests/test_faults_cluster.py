@@ -105,19 +105,28 @@ def test_an_epoch_resumed_on_another_number_of_processes_visits_each_image_once(
 
 
 @pytest.mark.slow
-def test_a_run_stopped_on_2_processes_resumes_on_1_and_on_3(tmp_path):
+def test_a_run_stopped_on_2_processes_resumes_on_1_2_and_3(tmp_path):
     data = make_images(tmp_path / "data", count=48)
     out = tmp_path / "out"
-    copy = tmp_path / "copy"
+    copy, same = tmp_path / "copy", tmp_path / "same"
     flags = [*TINY, "--data_path", data, "--epochs", "1", "--saveckp_freq", "0", "--output_dir"]
-    # 48 images, 4 per process: 6 iterations of 8 images on 2 processes. SIGUSR1 reaches rank 1 in its 3rd step;
-    # both stop at the next logging interval, after iteration 4 (32 images).
+    # 48 images, 4 per process: 6 iterations of 8 images on 2 processes. SIGUSR1 reaches only rank 1, in its 3rd
+    # step; rank 0 learns it at the next logging interval, the end of iteration 3, where both stop.
     stopped = run([*TORCHRUN, "--nproc_per_node", "2", MAIN, *flags, out], timeout=180,
                   env=environment(fault="signal:SIGUSR1:step=3", fault_rank=1))
+    assert stopped.returncode != 0
     assert "preempted by SIGUSR1 at epoch 0, iteration 4" in stopped.stderr, stopped.stderr[-3000:]
+    assert "preempted (another process of the job got the signal) at epoch 0, iteration 4" in stopped.stderr
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     assert (checkpoint["iteration"], checkpoint["samples_done"], checkpoint["world_size"]) == (4, 32, 2)
     shutil.copytree(out, copy)
+    shutil.copytree(out, same)
+
+    # 2 processes again, as torchrun relaunches the job: iterations 4 and 5
+    again = run([*TORCHRUN, "--nproc_per_node", "2", MAIN, *flags, same], timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "at epoch 0, iteration 4 of 6 (a preempted epoch)" in again.stdout
+    assert "resuming a run of" not in again.stdout
 
     # 1 process: 12 iterations of 4 images; the 16 images left are its iterations 8 to 11
     single = run([sys.executable, MAIN, *flags, out], timeout=180)
@@ -135,7 +144,7 @@ def test_a_run_stopped_on_2_processes_resumes_on_1_and_on_3(tmp_path):
     assert "at epoch 0, iteration 3 of 4 (a preempted epoch), after 32 of its 48 images" in triple.stdout
     assert "Epoch: [0/1] [4/4]" in triple.stdout and "Epoch: [0/1] [2/4]" not in triple.stdout
 
-    for folder, world_size in ((out, 1), (copy, 3)):
+    for folder, world_size in ((out, 1), (same, 2), (copy, 3)):
         (record,) = logged_epochs(folder)
         assert (record["epoch"], record["world_size"], record["resumed_from_epoch"]) == (0, world_size, 0)
         final = torch.load(folder / "checkpoint.pth", weights_only=True)
