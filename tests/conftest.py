@@ -14,3 +14,13 @@ def _package_logging():
     from dino_sparo.logger import setup_logging
 
     setup_logging(0)
+
+
+@pytest.fixture(scope="session")
+def gloo_pair():
+    """Two spawned processes shared by the multi-process tests (see helpers.GlooPair)."""
+    from helpers import GlooPair
+
+    pair = GlooPair()
+    yield pair
+    pair.close()

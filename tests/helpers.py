@@ -26,11 +26,8 @@ from dino_sparo.utils.processes import wait_until as wait_until
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
-# main_dino.py flags of a tiny, fast run on 32 px crops.
-TINY = ["--arch", "vit_tiny", "--depth", "3", "--patch_size", "16", "--sparo_slots", "4", "--sparo_slot_dim", "8",
-        "--out_dim", "256", "--head_hidden_dim", "64", "--head_bottleneck_dim", "32", "--global_crop_size", "32",
-        "--local_crop_size", "16", "--local_crops_number", "2", "--batch_size_per_gpu", "4", "--num_workers", "0",
-        "--warmup_epochs", "1", "--device", "cpu", "--log_freq", "2"]
+# main_dino.py's flags of a tiny, fast run on 32 px crops: the tests' recipe file.
+TINY = ["--config", os.path.join(ROOT, "tests", "fixtures", "tiny.yaml")]
 
 
 def make_images(folder, count: int = 12, size: int = 40) -> str:
@@ -170,3 +167,37 @@ def one_line_error(main: Callable[[list[str]], Any], argv: list[str], capsys: An
     assert len(errors) == 1 and errors[0].startswith("error: "), err
     assert "Traceback" not in err
     return errors[0]
+
+
+class GlooPair:
+    """Two long-lived processes (spawned once per test session) that run a function as ranks 0 and 1 of a fresh
+    gloo process group at each :meth:`run`: the multi-process tests share them instead of each paying for two new
+    interpreters that import torch."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.executor = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
+
+    def run(self, function: Callable[..., Any], *args: Any, timeout: float = 180) -> list[Any]:
+        """``[function(0, 2, *args), function(1, 2, *args)]``, each called inside its rank's process group."""
+        port = free_port()
+        futures = [self.executor.submit(_run_rank, function, rank, port, args) for rank in range(2)]
+        return [future.result(timeout=timeout) for future in futures]  # a hang fails the test, not CI
+
+    def close(self) -> None:
+        for process in list(getattr(self.executor, "_processes", {}).values()):
+            process.kill()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_rank(function: Callable[..., Any], rank: int, port: int, args: tuple) -> Any:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        return function(rank, 2, *args)
+    finally:
+        dist.destroy_process_group()

@@ -3,8 +3,7 @@ import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import ROOT, TINY, free_port, make_images, run, tiny_config
+from helpers import ROOT, TINY, make_images, run, tiny_config
 
 from dino_sparo.data import DataAugmentationDINO
 from dino_sparo.data.datasets import ImageDataset, ResumableDistributedSampler
@@ -45,16 +44,12 @@ def test_two_processes_gloo_keep_identical_teachers(tmp_path):
     assert (out / "checkpoint.pth").is_file()
 
 
-def _steps(rank: int, world_size: int, port: int, crops: list[list[torch.Tensor]], out: str,
-           accum_steps: int = 1) -> None:
+def _steps(rank: int, world_size: int, crops: list[list[torch.Tensor]], out: str, accum_steps: int = 1) -> None:
     """Two optimizer steps of a tiny model, each on this rank's share of a crop batch, in ``accum_steps``
-    micro-batches; saves the result."""
+    micro-batches (inside this rank's process group when there are several); saves the result."""
     from dino_sparo.train.build import build_training
     from dino_sparo.train.schedules import build_schedules
 
-    if world_size > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     share = crops[0][0].shape[0] // world_size
     micro = share // accum_steps
     # SGD and no drop path: the comparison is then exact up to float summation order (AdamW's first step is
@@ -75,8 +70,6 @@ def _steps(rank: int, world_size: int, port: int, crops: list[list[torch.Tensor]
     if rank == 0:
         torch.save({"student": module.state_dict(), "teacher": teacher.state_dict(), "center": dino_loss.center,
                     "lr": schedules.lr[0]}, out)
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
 
 
 def _crop_batches(batch: int) -> list[list[torch.Tensor]]:
@@ -99,19 +92,19 @@ def test_two_accumulated_micro_batches_step_like_one_batch_of_all_their_images(t
     """--accum_steps 2 with batch 4 equals batch 8 after each optimizer step: the loss averaged over the 8 images,
     the center moved once from all of them, the EMA once (fp32, no drop path)."""
     crops = _crop_batches(8)
-    _steps(0, 1, 0, crops, str(tmp_path / "whole.pt"))
-    _steps(0, 1, 0, crops, str(tmp_path / "accumulated.pt"), accum_steps=2)
+    _steps(0, 1, crops, str(tmp_path / "whole.pt"))
+    _steps(0, 1, crops, str(tmp_path / "accumulated.pt"), accum_steps=2)
     whole, accumulated = (torch.load(tmp_path / name, weights_only=False) for name in ("whole.pt", "accumulated.pt"))
     _assert_same_training(whole, accumulated, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.slow
-def test_two_processes_accumulating_step_like_one_process_of_the_whole_batch(tmp_path):
+def test_two_processes_accumulating_step_like_one_process_of_the_whole_batch(tmp_path, gloo_pair):
     """DDP's gradient averaging (skipped by no_sync on the first micro-batch), the all-rank centre and the lr
     scaled by the effective batch make 2 processes x 2 micro-batches of 2 train exactly like 1 process x batch 8."""
     crops = _crop_batches(8)
-    _steps(0, 1, 0, crops, str(tmp_path / "one.pt"))
-    mp.spawn(_steps, args=(2, free_port(), crops, str(tmp_path / "two.pt"), 2), nprocs=2, join=True)
+    _steps(0, 1, crops, str(tmp_path / "one.pt"))
+    gloo_pair.run(_steps, crops, str(tmp_path / "two.pt"), 2)
     one, two = (torch.load(tmp_path / name, weights_only=False) for name in ("one.pt", "two.pt"))
     _assert_same_training(one, two, atol=2e-6, rtol=1e-4)
 

@@ -141,9 +141,9 @@ def test_non_finite_loss_stops_with_epoch_and_iteration(tmp_path, monkeypatch):
     class ExplodingLoss(DINOLoss):
         calls = 0
 
-        def forward(self, student_output, teacher_output, epoch):
+        def forward(self, student_output, teacher_output, epoch, update_center=True):
             ExplodingLoss.calls += 1
-            loss = super().forward(student_output, teacher_output, epoch)
+            loss = super().forward(student_output, teacher_output, epoch, update_center)
             return loss * float("nan") if ExplodingLoss.calls == 2 else loss
 
     monkeypatch.setattr("dino_sparo.train.build.DINOLoss", ExplodingLoss)
