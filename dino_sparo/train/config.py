@@ -83,10 +83,6 @@ class TrainConfig:
     local_rank: int
     # end-of-training k-NN and the demo
     knn_data_path: str | None
-    knn_k: int
-    knn_temperature: float
-    knn_resize_size: int
-    knn_crop_size: int
     demo: bool
     demo_data_dir: str | None  # the demo set's folder (generated on first use); None without --demo
     demo_num_images: int
@@ -97,6 +93,11 @@ class TrainConfig:
     @property
     def ncrops(self) -> int:
         return 2 + self.local_crops_number
+
+    @property
+    def knn_view(self) -> tuple[int, int]:
+        """(resize, crop) sides of the end-of-training k-NN: DINO's evaluation view (256/224) of the global crops."""
+        return round(self.global_crop_size * 256 / 224), self.global_crop_size
 
     def images_per_step(self, world_size: int) -> int:
         """The effective batch: images of one optimizer step over all processes."""
@@ -215,8 +216,6 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         global_crops_scale=tuple(args.global_crops_scale),
         local_crops_scale=tuple(args.local_crops_scale),
         local_crop_size=args.local_crop_size or max(patch, round(DINO_LOCAL_CROP_SIZE / patch) * patch),
-        knn_crop_size=args.knn_crop_size or args.global_crop_size,
-        knn_resize_size=args.knn_resize_size or round((args.knn_crop_size or args.global_crop_size) * 256 / 224),
         freeze_blocks=model.encoder_blocks if args.freeze_blocks == "all" else args.freeze_blocks,
         demo_data_dir=demo_root,
         data_path=args.data_path or (os.path.join(demo_root, "train") if demo_root else None),
@@ -278,16 +277,13 @@ def _check(config: TrainConfig) -> None:
     check(0 <= config.drop_path_rate < 1, f"--drop_path_rate must be in [0, 1), got {config.drop_path_rate}")
     check(config.dist_timeout is None or config.dist_timeout > 0,
           f"--dist_timeout must be > 0, got {config.dist_timeout}")
-    check(config.knn_temperature > 0, f"--knn_temperature must be > 0, got {config.knn_temperature}")
     check(bool(config.data_path), "no data given: pass --data_path FOLDER (or --demo for the built-in demo data)")
     for name in ("global_crops_scale", "local_crops_scale"):
         low, high = getattr(config, name)
         check(0 < low <= high <= 1, f"--{name} must satisfy 0 < min <= max <= 1, got {low} {high}")
-    for name in ("global_crop_size", "local_crop_size", "knn_crop_size"):
+    for name in ("global_crop_size", "local_crop_size"):
         check(getattr(config, name) % config.model.patch_size == 0,
               f"--{name} {getattr(config, name)} is not a multiple of --patch_size {config.model.patch_size}")
-    check(config.knn_resize_size >= config.knn_crop_size,
-          f"--knn_resize_size {config.knn_resize_size} is smaller than --knn_crop_size {config.knn_crop_size}")
     check(config.model.readout_replace_blocks < config.model.depth,
           f"--readout_replace_blocks {config.model.readout_replace_blocks} leaves no block of --depth "
           f"{config.model.depth}")

@@ -127,13 +127,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("end-of-training k-NN and the built-in demo")
     group.add_argument("--knn_data_path", default=None,
                        help="folder with train/ and val/ class sub-folders: print the teacher's k-NN top-1 on val "
-                       "(and that of the initial model) after training")
-    group.add_argument("--knn_k", type=positive_int, default=20, help="neighbours of the final k-NN")
-    group.add_argument("--knn_temperature", type=float, default=0.07, help="temperature of the k-NN vote")
-    group.add_argument("--knn_resize_size", type=positive_int, default=None,
-                       help="k-NN resize side (default: global_crop_size * 256 / 224)")
-    group.add_argument("--knn_crop_size", type=positive_int, default=None,
-                       help="k-NN centre-crop side (default: global_crop_size)")
+                       "(and that of the initial model) after training, with DINO's protocol (k 20, temperature "
+                       "0.07) on the evaluation view of the global crops (resize global_crop_size x 256/224, centre "
+                       "crop); eval_knn.py does the rest")
     group.add_argument("--demo", action="store_true",
                        help="the built-in demo: the recipe configs/demo.yaml on the generated shapes data set; any "
                        "flag given explicitly overrides the recipe")

@@ -32,6 +32,8 @@ from .schedules import build_schedules, peak_learning_rate
 from .slot_monitor import SlotMonitor
 
 logger = logging.getLogger(__name__)
+# The end-of-training k-NN: DINO's protocol (its eval_knn.py reports k = 20 as usually the best, T = 0.07).
+FINAL_KNN_K, FINAL_KNN_TEMPERATURE = 20, 0.07
 
 
 @dataclass
@@ -203,12 +205,11 @@ def final_knn(config: TrainConfig, backbone: nn.Module, initial_state: dict[str,
         models = {"random_init": initial, "trained": backbone}
     scores = {}
     for name, model in models.items():
-        knn = knn_on_folders(model, config.knn_data_path, config.knn_resize_size, config.knn_crop_size,
-                             [config.knn_k], config.knn_temperature, batch_size=256,
-                             num_workers=min(config.num_workers, 2), context=ctx)
-        scores[name] = knn[config.knn_k][0]
+        knn = knn_on_folders(model, config.knn_data_path, *config.knn_view, [FINAL_KNN_K], FINAL_KNN_TEMPERATURE,
+                             batch_size=256, num_workers=min(config.num_workers, 2), context=ctx)
+        scores[name] = knn[FINAL_KNN_K][0]
     label = f"{DEMO_CLASS_LABEL} classes" if config.demo else "class folders"
-    line = f"k-NN top-1 on {os.path.join(config.knn_data_path, 'val')} ({label}, k={config.knn_k}): "
+    line = f"k-NN top-1 on {os.path.join(config.knn_data_path, 'val')} ({label}, k={FINAL_KNN_K}): "
     if "random_init" in scores:
         line += f"random init {scores['random_init']:.1f}%  ->  trained teacher {scores['trained']:.1f}%"
     else:
