@@ -207,6 +207,7 @@ def load_student_weights(student: nn.Module, path: str | os.PathLike, checkpoint
 def restart_from_checkpoint(path: str | os.PathLike, expected_args: Mapping[str, Any] | None = None,
                             optional: Collection[str] = (),
                             saved_view: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+                            before_restore: Callable[[Mapping[str, Any]], None] | None = None,
                             **objects: Any) -> dict[str, Any] | None:
     """Restores every object given by keyword (anything with ``load_state_dict``) from the entry of the same
     name in the checkpoint at ``path``; returns the checkpoint (for its ``epoch``, ``args``...), or None when
@@ -216,7 +217,8 @@ def restart_from_checkpoint(path: str | os.PathLike, expected_args: Mapping[str,
     load. With ``expected_args`` (flag name -> value of this run) the error names each flag whose value
     differs from the checkpoint's saved ``args`` (as ``saved_view`` reads them, e.g. with their defaults decided,
     when given). Entries named in ``optional`` may be absent (the object then keeps its fresh state; the caller
-    can tell from the returned checkpoint).
+    can tell from the returned checkpoint). ``before_restore`` sees the checkpoint before anything is restored (to
+    shape the objects as they were when it was written).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -232,6 +234,8 @@ def restart_from_checkpoint(path: str | os.PathLike, expected_args: Mapping[str,
         if differences:
             raise UserError(f"{path} was written by a run with other architecture flags: {'; '.join(differences)}. "
                             f"Pass the same flags to resume it, or use another --output_dir to start afresh")
+    if before_restore is not None:
+        before_restore(checkpoint)
     restore_state(checkpoint, path, optional, **objects)
     return dict(checkpoint)
 
@@ -291,6 +295,7 @@ class TrainState:
     fp16_scaler: Any | None  # a torch.amp.GradScaler for fp16 training
     args: dict[str, Any]
     world_size: int = 1
+    unfrozen: bool = False  # continued training's second stage has begun (the optimizer holds its groups)
 
     def save(self, path: str | os.PathLike, epoch: int, iteration: int = 0, samples_done: int = 0,
              log_record: Mapping[str, Any] | None = None) -> None:
@@ -300,16 +305,27 @@ class TrainState:
                  "fp16_scaler": self.fp16_scaler.state_dict() if self.fp16_scaler is not None else None}
         if iteration:
             state.update(iteration=iteration, samples_done=samples_done)
+        if self.unfrozen:
+            state["unfrozen"] = True
         if log_record is not None:
             state["log_record"] = json.loads(json.dumps(dict(log_record)))  # plain types: weights_only loads it
         save_atomic(state, path)
 
     def resume(self, path: str | os.PathLike, expected_args: Mapping[str, Any],
-               saved_view: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None) -> ResumePoint | None:
+               saved_view: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+               unfreeze: Callable[[], None] | None = None) -> ResumePoint | None:
         """Restores every part from ``path``; None when there is no checkpoint there (see
         :func:`restart_from_checkpoint` for the checks)."""
+        def before_restore(checkpoint: Mapping[str, Any]) -> None:
+            if checkpoint.get("unfrozen") and not self.unfrozen:
+                if unfreeze is None:
+                    raise UserError(f"{path} was written after the backbone was unfrozen (--unfreeze_at): resume it "
+                                    f"with the same --unfreeze_at")
+                unfreeze()
+                self.unfrozen = True
+
         checkpoint = restart_from_checkpoint(path, expected_args, optional=("fp16_scaler",), saved_view=saved_view,
-                                             student=self.student,
+                                             before_restore=before_restore, student=self.student,
                                              teacher=self.teacher, optimizer=self.optimizer,
                                              dino_loss=self.dino_loss, fp16_scaler=self.fp16_scaler)
         if checkpoint is None:

@@ -1,7 +1,8 @@
 """Parameter groups, optimizers and the gradient/EMA operations of a DINO step."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -43,6 +44,25 @@ def get_params_groups(model: nn.Module, readout_options: Mapping[str, Any] | Non
         group.update({"regularized": True} if decayed else {"regularized": False, "weight_decay": 0.0})
         result.append(group)
     return result
+
+
+def unfrozen_param_groups(model: nn.Module, names: Collection[str], layerwise_decay: float = 1.0) -> list[dict]:
+    """Parameter groups of the parameters ``names`` of ``model`` (a multi-crop wrapper) that a freeze held, for
+    continued training's second stage: marked ``backbone`` (they follow the backbone's learning rate), decayed by
+    DINO's rule, and with DINOv2's layer-wise decay: block i of the n blocks gets ``layerwise_decay ** (n - i)`` as
+    its ``lr_mult``, the patch embedding, tokens and position embeddings ``layerwise_decay ** (n + 1)``."""
+    blocks = len(model.backbone.blocks)
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if name not in names:
+            continue
+        match = re.match(r"^backbone\.blocks\.(\d+)\.", name)
+        layer = int(match.group(1)) + 1 if match else 0
+        decayed = not (name.endswith(".bias") or param.ndim == 1)
+        groups.setdefault((layer, decayed), []).append(param)
+    return [{"params": params, "backbone": True, "lr_mult": layerwise_decay ** (blocks + 1 - layer),
+             "regularized": decayed, **({} if decayed else {"weight_decay": 0.0})}
+            for (layer, decayed), params in sorted(groups.items())]
 
 
 class LARS(torch.optim.Optimizer):

@@ -26,9 +26,12 @@ def test_two_processes_gloo_keep_identical_teachers(tmp_path):
     data = make_images(tmp_path / "data", count=16)
     out = tmp_path / "out"
     out.mkdir()
+    # a retrofit whose second stage (--unfreeze_at 1) unfreezes the blocks: DistributedDataParallel must be built
+    # anew to average their gradients, or the ranks' students, hence teachers, part
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(ROOT, "tests", "distributed_worker.py"), *TINY, "--data_path", data,
-               "--output_dir", str(out), "--epochs", "1", str(out)]
+               "--output_dir", str(out), "--epochs", "2", "--freeze_blocks", "all", "--unfreeze_at", "1",
+               "--unfreeze_warmup", "1", str(out)]
     completed = run(command, timeout=240)  # own process group, killed as a whole: no orphaned workers
     assert completed.returncode == 0, completed.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -41,6 +44,7 @@ def test_two_processes_gloo_keep_identical_teachers(tmp_path):
     for rank in ranks:
         assert torch.allclose(rank["probe_center"], expected.view(1, -1), atol=1e-6)
     assert "2 process(es)" in completed.stdout and completed.stdout.count("student:") == 1  # rank 0 prints
+    assert completed.stdout.count("the backbone is unfrozen") == 1
     assert (out / "checkpoint.pth").is_file()
 
 

@@ -151,8 +151,18 @@ class ReadoutBackbone:
             module.requires_grad_(False)
         for param in self.embedding_parameters():  # part of every frozen block's input, so frozen with them
             param.requires_grad_(False)
+        self._frozen_drop_paths = []
         for block in self.blocks[:frozen_blocks]:
+            self._frozen_drop_paths.append((block.drop_path1, block.drop_path2))
             block.drop_path1, block.drop_path2 = nn.Identity(), nn.Identity()
+
+    def unfreeze_blocks(self) -> None:
+        """Undoes :meth:`freeze_blocks`: every parameter trains again and the blocks get back their stochastic
+        depth (the second stage of continued training)."""
+        self.requires_grad_(True)
+        for block, (drop_path1, drop_path2) in zip(self.blocks, getattr(self, "_frozen_drop_paths", [])):
+            block.drop_path1, block.drop_path2 = drop_path1, drop_path2
+        self._frozen_drop_paths = []
 
     # ------------------------------------------------------------------------------------------------ inspection
     def get_slot_attention(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..distributed import DistributedContext, is_dist_initialized
 from ..loss import DINOLoss
 from ..models import DINOHead, MultiCropWrapper, build_backbone
-from ..optim import build_optimizer, get_params_groups
+from ..optim import build_optimizer, get_params_groups, unfrozen_param_groups
 from .config import TrainConfig
 from .step import TrainStep
 
@@ -67,3 +67,18 @@ def wrap_for_distributed(student: nn.Module, ctx: DistributedContext) -> nn.Modu
         return student
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(student, device_ids=device_ids)
+
+
+def unfreeze_backbone(step: TrainStep, config: TrainConfig, ctx: DistributedContext) -> None:
+    """Continued training's second stage (``--unfreeze_at``): what ``--freeze_blocks`` froze trains from now on.
+    The optimizer gains their groups (following the backbone's schedule, with the layer-wise decay) and keeps the
+    read-out's and head's state; the student is wrapped in DistributedDataParallel anew, which registers the
+    parameters that need gradients when it is built; the teacher's EMA covers them too."""
+    student = step.student_module
+    frozen = {f"backbone.{name}" for name, param in student.backbone.named_parameters() if not param.requires_grad}
+    student.backbone.unfreeze_blocks()
+    for group in unfrozen_param_groups(student, frozen, config.layerwise_decay):
+        step.optimizer.add_param_group(group)
+    step.frozen_blocks = None
+    step.student = wrap_for_distributed(student, ctx)
+    step.pair_for_ema()

@@ -73,6 +73,10 @@ class TrainConfig:
     init_from: str | None
     init_from_key: str
     freeze_blocks: int | None  # blocks frozen (a retrofit); None: nothing frozen
+    unfreeze_at: int | None  # the epoch that ends the freeze (continued training's second stage)
+    backbone_lr: float
+    unfreeze_warmup: int
+    layerwise_decay: float
     seed: int
     num_workers: int
     log_freq: int
@@ -291,6 +295,12 @@ def _check(config: TrainConfig) -> None:
     check(config.freeze_blocks is None or 0 <= config.freeze_blocks <= blocks,
           f"--freeze_blocks {config.freeze_blocks} is out of range: this model keeps {blocks} blocks before its "
           f"read-out (0 to {blocks}, or all)")
+    if config.unfreeze_at is not None:
+        check(config.freeze_blocks is not None, "--unfreeze_at ends a freeze: it needs --freeze_blocks")
+        check(config.unfreeze_at < config.epochs, f"--unfreeze_at {config.unfreeze_at} is not before the end of "
+              f"training (--epochs {config.epochs}): the backbone would never train")
+    check(config.backbone_lr > 0, f"--backbone_lr must be > 0, got {config.backbone_lr}")
+    check(0 < config.layerwise_decay <= 1, f"--layerwise_decay must be in (0, 1], got {config.layerwise_decay}")
     if config.knn_data_path and config.knn_data_path != config.demo_data_dir:  # the demo's is generated later
         for split in ("train", "val"):  # checked now, not after hours of training
             check(os.path.isdir(os.path.join(config.knn_data_path, split)),

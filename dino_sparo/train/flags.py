@@ -108,6 +108,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                        "--init_from and --readout sparo. Only the read-out, the head and unfrozen blocks train; the "
                        "frozen blocks run once per crop, shared by student and teacher, without stochastic depth "
                        "(default: nothing frozen)")
+    group.add_argument("--unfreeze_at", type=positive_int, default=None, metavar="EPOCH",
+                       help="continued training's second stage: at the start of this epoch (as --freeze_last_layer "
+                       "counts epochs) the blocks, embeddings and tokens --freeze_blocks froze train too, with a "
+                       "learning rate of their own (--backbone_lr, after --unfreeze_warmup); needs --freeze_blocks "
+                       "(default: frozen to the end)")
+    group.add_argument("--backbone_lr", type=float, default=5e-5,
+                       help="peak learning rate of the unfrozen backbone for a global batch of 256, scaled as --lr "
+                       "(5e-5: the FINO recipe of DINOv3's authors); it then follows the cosine of --lr")
+    group.add_argument("--unfreeze_warmup", type=non_negative_int, default=1000, metavar="ITERATIONS",
+                       help="optimizer steps over which the unfrozen backbone's learning rate ramps linearly from 0 "
+                       "to --backbone_lr")
+    group.add_argument("--layerwise_decay", type=float, default=1.0,
+                       help="layer-wise learning-rate decay of the unfrozen backbone, as DINOv2's: block i of n gets "
+                       "decay^(n - i) times the backbone's rate, the embeddings decay^(n + 1); 1: none")
     group.add_argument("--seed", type=int, default=0, help="random seed")
     group.add_argument("--num_workers", type=non_negative_int, default=10,
                        help="data-loading processes per training process")

@@ -74,9 +74,12 @@ def train_one_epoch(step: TrainStep, data: TrainingData, epoch: int, niter: int,
         except torch.OutOfMemoryError:
             raise out_of_memory_error(config, ctx.device, epoch, index) from None
         nonfinite.update(values["loss"], index)
-        metrics.update(**values, lr=schedules.lr[iteration], wd=schedules.weight_decay[iteration],
-                       teacher_momentum=schedules.momentum[iteration],
-                       teacher_temp=step.dino_loss.teacher_temperature(epoch))
+        scheduled = {"lr": schedules.lr[iteration], "wd": schedules.weight_decay[iteration],
+                     "teacher_momentum": schedules.momentum[iteration],
+                     "teacher_temp": step.dino_loss.teacher_temperature(epoch)}
+        if schedules.backbone_lr is not None:
+            scheduled["backbone_lr"] = schedules.backbone_lr[iteration]
+        metrics.update(**values, **scheduled)
         last_ready = time.time()
         if (index + 1) % config.log_freq == 0 or index == niter - 1:
             nonfinite.raise_if_any(epoch)

@@ -25,16 +25,20 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
 
 @dataclass
 class Schedules:
-    """Per-iteration values over the whole run, as DINO's ``cosine_scheduler`` arrays."""
+    """Per-iteration values over the whole run, as DINO's ``cosine_scheduler`` arrays; ``backbone_lr``: that of the
+    backbone unfrozen by ``--unfreeze_at`` (None without)."""
     lr: np.ndarray
     weight_decay: np.ndarray
     momentum: np.ndarray
+    backbone_lr: np.ndarray | None = None
 
     def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> None:
-        """Sets ``iteration``'s learning rate on every group (times its ``lr_mult``) and its weight decay on the
-        ``regularized`` groups only (biases and norms are never decayed), as the reference does."""
+        """Sets ``iteration``'s learning rate on every group (times its ``lr_mult``; the unfrozen backbone's groups,
+        marked ``backbone``, follow ``backbone_lr``) and its weight decay on the ``regularized`` groups only
+        (biases and norms are never decayed), as the reference does."""
         for group in optimizer.param_groups:
-            group["lr"] = float(self.lr[iteration]) * group.get("lr_mult", 1.0)
+            schedule = self.backbone_lr if group.get("backbone") else self.lr
+            group["lr"] = float(schedule[iteration]) * group.get("lr_mult", 1.0)
             if group.get("regularized", False):
                 group["weight_decay"] = float(self.weight_decay[iteration])
 
@@ -49,9 +53,22 @@ def build_schedules(config: TrainConfig, niter_per_epoch: int, world_size: int) 
     """The learning rate (:func:`peak_learning_rate`) warms up linearly and decays by a cosine to min_lr; weight
     decay rises by a cosine; the teacher momentum rises to 1; one value per optimizer step (``niter_per_epoch`` of
     them per epoch)."""
+    peak = peak_learning_rate(config, world_size)
+    lr = cosine_scheduler(peak, config.min_lr, config.epochs, niter_per_epoch, warmup_epochs=config.warmup_epochs)
     return Schedules(
-        lr=cosine_scheduler(peak_learning_rate(config, world_size), config.min_lr, config.epochs, niter_per_epoch,
-                            warmup_epochs=config.warmup_epochs),
+        lr=lr,
         weight_decay=cosine_scheduler(config.weight_decay, config.weight_decay_end, config.epochs, niter_per_epoch),
         momentum=cosine_scheduler(config.momentum_teacher, 1.0, config.epochs, niter_per_epoch),
+        backbone_lr=None if config.unfreeze_at is None else _backbone_schedule(config, lr / peak, niter_per_epoch,
+                                                                              world_size),
     )
+
+
+def _backbone_schedule(config: TrainConfig, shape: np.ndarray, niter_per_epoch: int, world_size: int) -> np.ndarray:
+    """The unfrozen backbone's learning rate: 0 until ``--unfreeze_at``, then a linear ramp over
+    ``--unfreeze_warmup`` optimizer steps to ``--backbone_lr`` (scaled by the batch as ``--lr``), multiplied
+    throughout by the main schedule's ``shape`` (its value over its peak), so that it decays with the rest."""
+    peak = config.backbone_lr * config.images_per_step(world_size) / 256.0
+    since = np.arange(len(shape)) - config.unfreeze_at * niter_per_epoch
+    ramp = np.clip((since + 1) / max(1, config.unfreeze_warmup), 0.0, 1.0) * (since >= 0)
+    return peak * ramp * shape

@@ -38,8 +38,13 @@ class TrainStep:
         self.precision, self.device = config.precision, device
         dtype = AUTOCAST_DTYPES.get(self.precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
-        student_named = dict(student_module.named_parameters())
-        teacher_named = dict(teacher.named_parameters())
+        self.pair_for_ema()
+
+    def pair_for_ema(self) -> None:
+        """Pairs each trainable student parameter with its teacher twin, which the EMA moves (again after a
+        freeze ends)."""
+        student_named = dict(self.student_module.named_parameters())
+        teacher_named = dict(self.teacher.named_parameters())
         assert student_named.keys() == teacher_named.keys()
         trainable = [name for name, param in student_named.items() if param.requires_grad]
         self.ema_pairs = ([student_named[k] for k in trainable], [teacher_named[k] for k in trainable])

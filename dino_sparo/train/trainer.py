@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from ..errors import Preempted, UserError
 from ..logger import setup_logging
 from ..loss import DINOLoss
 from ..utils.files import remove_stale_temporaries
-from .build import build_training
+from .build import build_training, unfreeze_backbone
 from .config import TrainConfig, saved_architecture
 from .data import build_training_data
 from .health import warn_if_collapsed
@@ -81,8 +82,13 @@ def train_dino(config: TrainConfig) -> TrainResult:
     state = TrainState(student, teacher, step.optimizer, step.dino_loss, step.scaler, config.to_dict(),
                        ctx.world_size)
     log = TrainingLog(config.output_dir, ctx.is_main)
+    def unfreeze() -> None:
+        unfreeze_backbone(step, config, ctx)
+        state.unfrozen = True
+
     start_epoch, start_iteration, start_samples_done = _resume_or_initialise(config, state, checkpoint_path,
-                                                                             data.num_images, niter, ctx, log)
+                                                                             data.num_images, niter, ctx, log,
+                                                                             unfreeze)
     result = TrainResult(student, teacher, step.dino_loss, start_epoch)
     run_facts: dict[str, Any] = {"precision": config.precision, "device": str(ctx.device),
                                  "world_size": ctx.world_size,
@@ -97,6 +103,12 @@ def train_dino(config: TrainConfig) -> TrainResult:
     try:
         with PreemptionGuard(config.log_freq) as guard:
             for epoch in range(start_epoch, config.epochs):
+                if config.unfreeze_at is not None and epoch >= config.unfreeze_at and not state.unfrozen:
+                    unfreeze()
+                    logger.info(f"epoch {epoch}: the backbone is unfrozen (--unfreeze_at {config.unfreeze_at}): its "
+                                f"{config.freeze_blocks} blocks, embeddings and tokens train from now on, their "
+                                f"learning rate rising to --backbone_lr {config.backbone_lr:g} x batch / 256 over "
+                                f"{config.unfreeze_warmup} steps")
                 first_iteration = start_iteration if epoch == start_epoch else 0
                 data.sampler.set_epoch(epoch)
                 data.sampler.samples_done = start_samples_done if epoch == start_epoch else 0
@@ -108,6 +120,8 @@ def train_dino(config: TrainConfig) -> TrainResult:
                     barrier()  # no rank exits (which makes torchrun stop the others) before the checkpoint is saved
                     raise Preempted(guard.signum, epoch, outcome.stopped_at, checkpoint_path)
                 stats = {**outcome.stats, **run_facts}
+                if config.freeze_blocks is not None:  # continued training's stage: 1 frozen, 2 unfrozen
+                    stats["stage"] = 2 if state.unfrozen else 1
                 if monitor is not None:
                     stats.update(monitor(teacher.backbone, epoch, log))
                 result.epoch_stats.append(stats)
@@ -152,16 +166,19 @@ def _seed_everything(seed: int) -> None:
 
 
 def _resume_or_initialise(config: TrainConfig, state: TrainState, checkpoint_path: str, num_samples: int,
-                          niter: int, ctx: DistributedContext, log: TrainingLog) -> tuple[int, int, int]:
+                          niter: int, ctx: DistributedContext, log: TrainingLog,
+                          unfreeze: Callable[[], None] | None = None) -> tuple[int, int, int]:
     """``(epoch, iteration, samples_done)`` to start from: those of ``checkpoint_path`` when it exists (the run
     resumes), else (0, 0, 0) with the weights of ``--init_from`` when given.
 
     A preempted epoch resumes after the ``samples_done`` samples of its order that all processes together had
     consumed, whatever the number of processes now (see ``ResumableDistributedSampler``). Its remaining samples
     make the last iterations of the epoch at this run's global batch, so the schedules continue at the iteration
-    that covers the same share of the epoch.
+    that covers the same share of the epoch. A checkpoint written after ``--unfreeze_at`` has unfrozen the backbone
+    is restored into an unfrozen one (``unfreeze``).
     """
-    resumed = state.resume(checkpoint_path, config.architecture(), saved_view=saved_architecture)
+    resumed = state.resume(checkpoint_path, config.architecture(), saved_view=saved_architecture,
+                           unfreeze=unfreeze if config.unfreeze_at is not None else None)
     if resumed is None:
         if config.init_from:
             load_student_weights(state.student, config.init_from, config.init_from_key, verbose=ctx.is_main)
