@@ -6,12 +6,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import make_images, tiny_config
+from helpers import make_images, official_dinov3_layout, official_layout, timm_model, tiny_config
 
 from dino_sparo.errors import UserError
 from dino_sparo.optim import unfrozen_param_groups
 from dino_sparo.train import train_dino
 from dino_sparo.train.build import build_models
+from dino_sparo.train.config import RECIPES_DIR, parse_config
 from dino_sparo.train.schedules import build_schedules, peak_learning_rate
 
 STAGES = ("--freeze_blocks", "all", "--unfreeze_at", "2", "--unfreeze_warmup", "3", "--drop_path_rate", "0.1")
@@ -74,16 +75,24 @@ def test_the_second_stage_trains_the_backbone_and_keeps_the_read_outs_optimizer_
     assert not result.student.head.last_layer.parametrizations.weight.original0.requires_grad
 
 
+RESUME_FLAGS = (*STAGES, "--epochs", "4", "--drop_path_rate", "0")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("continued")
+    data = make_images(root / "data", count=8)
+    return data, root / "straight", train_dino(tiny_config(data, root / "straight", *RESUME_FLAGS, "--saveckp_freq", "1"))
+
+
 @pytest.mark.parametrize("resumed_from", [0, 1, 2])
-def test_resuming_before_at_and_after_the_switch_equals_the_uninterrupted_run(tmp_path, resumed_from):
+def test_resuming_before_at_and_after_the_switch_equals_the_uninterrupted_run(uninterrupted, tmp_path, resumed_from):
     """checkpoint0000 is before the switch, checkpoint0001 ends the epoch before it (the switch comes first
     thing after resuming), checkpoint0002 after it (the backbone is unfrozen before the optimizer is restored)."""
-    data = make_images(tmp_path / "data", count=8)
-    flags = (*STAGES, "--epochs", "4", "--drop_path_rate", "0")
-    straight = train_dino(tiny_config(data, tmp_path / "straight", *flags, "--saveckp_freq", "1"))
+    data, straight_dir, straight = uninterrupted
     (tmp_path / "resumed").mkdir()
-    shutil.copy(tmp_path / "straight" / f"checkpoint{resumed_from:04d}.pth", tmp_path / "resumed" / "checkpoint.pth")
-    resumed = train_dino(tiny_config(data, tmp_path / "resumed", *flags))
+    shutil.copy(straight_dir / f"checkpoint{resumed_from:04d}.pth", tmp_path / "resumed" / "checkpoint.pth")
+    resumed = train_dino(tiny_config(data, tmp_path / "resumed", *RESUME_FLAGS))
     assert resumed.start_epoch == resumed_from + 1
     for part in ("student", "teacher"):
         theirs = getattr(resumed, part).state_dict()
@@ -99,3 +108,43 @@ def test_resuming_before_at_and_after_the_switch_equals_the_uninterrupted_run(tm
 def test_a_second_stage_that_cannot_happen_is_a_one_line_error(flags, message):
     with pytest.raises(UserError, match=message):
         tiny_config("d", "o", *flags)
+
+
+RECIPES = sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+# What makes a recipe toy-sized on a CPU: tiny depth, crops, head and batch; every other value is the recipe's.
+TOY = ["--depth", "3", "--out_dim", "64", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16",
+       "--sparo_slots", "4", "--sparo_slot_dim", "8", "--batch_size_per_gpu", "2", "--epochs", "2",
+       "--local_crops_number", "2", "--warmup_epochs", "1", "--num_workers", "0", "--device", "cpu", "--precision",
+       "fp32", "--log_freq", "1"]
+RELEASED = {"dinov2_vits14_reg": ("vit_small_patch14_reg4_dinov2", official_layout),
+            "dinov3_vits16": ("vit_small_patch16_dinov3_qkvb", official_dinov3_layout)}
+
+
+def test_the_recipes_are_the_ones_documented():
+    assert RECIPES == ["demo", "dinov2_vits14_reg_continue", "dinov3_vits16_continue", "vits16_1gpu",
+                       "vits16_imagenet_8gpu"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_trains_at_toy_size(recipe, tmp_path):
+    """Each recipe file as users pass it, shrunk to a CPU toy (the continued-pretraining ones from official-layout
+    weights with random values, their second stage starting at epoch 1), so that no recipe rots."""
+    recipe_config = parse_config(["--config", recipe, "--data_path", "unused"])
+    patch = recipe_config.model.patch_size
+    flags = [*TOY, "--global_crop_size", 2 * patch, "--local_crop_size", patch]
+    if recipe_config.unfreeze_at is not None:
+        timm_name, layout = RELEASED[recipe_config.model.arch]
+        torch.save(layout(timm_model(timm_name, 3).state_dict()), tmp_path / "released.pth")
+        flags += ["--init_from", tmp_path / "released.pth", "--unfreeze_at", "1", "--unfreeze_warmup", "1"]
+    needed = 2 * recipe_config.accum_steps  # two optimizer steps of batch 2 per epoch
+    data = make_images(tmp_path / "data", count=needed, size=4 * patch)
+    config = parse_config(["--config", recipe, "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
+                           *map(str, flags)])
+    assert (config.accum_steps, config.momentum_teacher, config.model.arch) == \
+        (recipe_config.accum_steps, recipe_config.momentum_teacher, recipe_config.model.arch)
+    result = train_dino(config)
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
+    assert [record["epoch"] for record in log] == [0, 1] and all(np.isfinite(r["train_loss"]) for r in log)
+    if recipe_config.unfreeze_at is not None:
+        assert [record["stage"] for record in log] == [1, 2]
+        assert all(param.requires_grad for param in result.student.backbone.parameters())

@@ -1,12 +1,10 @@
 """Starting from DINOv2 and DINOv3 weights: timm's models and the official checkpoint layouts load into our backbones
 and give timm's own features; the architecture is inferred from the weights; SPARO retrofits onto frozen blocks;
 safetensors files and bad inputs."""
-import re
 
 import pytest
-import timm
 import torch
-from helpers import backbone_of, make_images, tiny_config
+from helpers import backbone_of, make_images, official_dinov3_layout, official_layout, timm_model, tiny_config
 from safetensors.torch import save_file
 
 from dino_sparo.checkpoint import load_pretrained_weights, read_weights, save_atomic
@@ -20,45 +18,10 @@ DINOV2 = [("dinov2_vits14", "vit_small_patch14_dinov2", 2), ("dinov2_vits14_reg"
 IMAGE = 56  # 4x4 patches of 14 px: position embeddings resampled from DINOv2's 37x37 grid
 
 
-def timm_model(name: str, depth: int) -> torch.nn.Module:
-    """A timm DINOv2 model with random weights everywhere (LayerScale and norms far from their initial values, so
-    that no part can be skipped unnoticed)."""
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, depth=depth, num_classes=0, dynamic_img_size=True).eval()
-    with torch.no_grad():
-        for key, param in model.named_parameters():
-            if key.endswith("gamma") or ("norm" in key and key.endswith("weight")):
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0, 0.5 if key.endswith(("cls_token", "pos_embed", "reg_token")) else 0.05)
-    return model
-
-
 def timm_cls(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """timm's CLS token after the final norm."""
     with torch.no_grad():
         return model.forward_features(images)[:, 0]
-
-
-def official_layout(timm_state: dict[str, torch.Tensor], chunks: int = 1) -> dict[str, torch.Tensor]:
-    """The state dict as facebookresearch/dinov2 saves it, written out from timm's documented conversion run
-    backwards: ``register_tokens``, a CLS position embedding (timm folds it into ``cls_token`` for register models),
-    ``mask_token`` and training checkpoints' chunked blocks."""
-    state = {}
-    depth = 1 + max(int(m.group(1)) for key in timm_state if (m := re.match(r"blocks\.(\d+)\.", key)))
-    per_chunk = -(-depth // chunks)
-    for key, value in timm_state.items():
-        if (match := re.match(r"blocks\.(\d+)\.(.*)", key)) is not None:
-            index, rest = int(match.group(1)), match.group(2)
-            key = f"blocks.{index // per_chunk}.{index}.{rest}" if chunks > 1 else f"blocks.{index}.{rest}"
-        state[key] = value.clone()
-    if "reg_token" in state:
-        state["register_tokens"] = state.pop("reg_token")
-        cls_position = torch.randn(1, 1, state["pos_embed"].shape[-1])
-        state["cls_token"] = state["cls_token"] - cls_position
-        state["pos_embed"] = torch.cat([cls_position, state["pos_embed"]], dim=1)
-    state["mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
-    return state
 
 
 def swiglu_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -147,25 +110,6 @@ def test_dinov2_weights_into_a_dino_vit_are_a_one_line_error(tmp_path):
 
 
 DINOV3 = [("dinov3_vits16", "vit_small_patch16_dinov3_qkvb"), ("dinov3_vits16", "vit_small_patch16_dinov3")]
-
-
-def official_dinov3_layout(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict as facebookresearch/dinov3 saves it, from timm's conversion run backwards: ``storage_tokens``,
-    ``ls1.gamma``, one ``attn.qkv.bias`` with its ``bias_mask`` (the key part masked out), RoPE ``periods``."""
-    state = {}
-    for key, value in timm_state.items():
-        if key.endswith(".attn.q_bias"):
-            prefix = key[: -len("q_bias")]
-            width = value.shape[0]
-            # DINOv3 stores a key bias too, and masks it out: a non-zero one here shows the mask is applied
-            state[prefix + "qkv.bias"] = torch.cat([value, torch.randn(width), timm_state[prefix + "v_bias"]])
-            state[prefix + "qkv.bias_mask"] = torch.cat([torch.ones(width), torch.zeros(width), torch.ones(width)])
-        elif not key.endswith(".attn.v_bias"):
-            key = key.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
-            state["storage_tokens" if key == "reg_token" else key] = value.clone()
-    state["rope_embed.periods"] = torch.rand(16)
-    state["mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
-    return state
 
 
 @pytest.mark.parametrize("arch, timm_name", DINOV3)
