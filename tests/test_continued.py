@@ -82,7 +82,8 @@ RESUME_FLAGS = (*STAGES, "--epochs", "4", "--drop_path_rate", "0")
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("continued")
     data = make_images(root / "data", count=8)
-    return data, root / "straight", train_dino(tiny_config(data, root / "straight", *RESUME_FLAGS, "--saveckp_freq", "1"))
+    result = train_dino(tiny_config(data, root / "straight", *RESUME_FLAGS, "--saveckp_freq", "1"))
+    return data, root / "straight", result
 
 
 @pytest.mark.parametrize("resumed_from", [0, 1, 2])
