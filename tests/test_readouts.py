@@ -14,7 +14,7 @@ from helpers import ROOT, backbone_of, balanced, make_image_folder, make_images,
 import eval_knn
 import eval_linear
 import visualize_sparo
-from dino_sparo.checkpoint import TrainState, read_checkpoint
+from dino_sparo.checkpoint import read_checkpoint
 from dino_sparo.data.datasets import ImageDataset
 from dino_sparo.data.transforms import eval_transform
 from dino_sparo.models import (
@@ -27,6 +27,7 @@ from dino_sparo.models import (
 )
 from dino_sparo.optim import get_params_groups
 from dino_sparo.train import train_dino
+from dino_sparo.train.state import TrainState
 
 NAMES = list(READOUTS)
 TINY = dict(arch="vit_tiny", patch_size=8, depth=3, sparo_slots=4, sparo_slot_dim=8)

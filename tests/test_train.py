@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import make_images, tiny_config
 
-from dino_sparo.checkpoint import TrainState, save_atomic
+from dino_sparo.checkpoint import save_atomic
 from dino_sparo.distributed import DistributedContext
 from dino_sparo.errors import NonFiniteLossError, UserError
 from dino_sparo.loss import DINOLoss
@@ -24,6 +24,7 @@ from dino_sparo.train.build import build_models
 from dino_sparo.train.config import parse_config, resolve_precision
 from dino_sparo.train.health import warn_if_collapsed
 from dino_sparo.train.metrics import TrainingLog
+from dino_sparo.train.state import TrainState
 from dino_sparo.train.trainer import _resume_or_initialise
 
 

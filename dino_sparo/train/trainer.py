@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import TrainState, load_student_weights
+from ..checkpoint import load_student_weights
 from ..cli import ensure_writable_dir
 from ..data.demo import DEMO_CLASS_LABEL, ensure_demo_dataset
 from ..distributed import DistributedContext, barrier, init_distributed, peer_failure
@@ -31,6 +31,7 @@ from .metrics import TrainingLog
 from .preemption import PreemptionGuard
 from .schedules import build_schedules, peak_learning_rate
 from .slot_monitor import SlotMonitor
+from .state import TrainState
 
 logger = logging.getLogger(__name__)
 # The end-of-training k-NN: DINO's protocol (its eval_knn.py reports k = 20 as usually the best, T = 0.07).
