@@ -169,7 +169,7 @@ def test_per_slot_reports_the_slot_statistics_on_val(dumped, tmp_path):
     data, checkpoint, _ = dumped
     results = eval_knn.main(["--pretrained_weights", checkpoint, "--data_path", data, "--per_slot", "--nb_knn", "20",
                              "--output_dir", str(tmp_path), *SMALL])
-    model, _ = build_pretrained_backbone(checkpoint, "teacher", {}, log=None)
+    model, _ = build_pretrained_backbone(checkpoint, "teacher", {}, verbose=False)
     val = ImageDataset(os.path.join(data, "val"), eval_transform(32, 32))
     expected = measure_slots(model, [torch.stack([val[i][0] for i in range(len(val))])], "cpu")
     written = json.loads((tmp_path / "knn_per_slot.json").read_text())
