@@ -21,16 +21,16 @@ from dino_sparo.logger import setup_logging
 from dino_sparo.train import train_dino
 from dino_sparo.train.config import parse_args as parse_training_args
 from dino_sparo.train.config import resolve_config
-from dino_sparo.train.flags import get_args_parser
+from dino_sparo.train.flags import get_args_parser as training_args_parser
 
 CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 logger = logging.getLogger("dino_sparo.submitit")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """main_dino.py's flags (and ``--config`` recipe) plus the launcher's."""
-    parser = get_args_parser()
-    parser.description = "Submitit launcher for DINO-SPARO pretraining"
+def get_args_parser() -> argparse.ArgumentParser:
+    """main_dino.py's flags plus the launcher's."""
+    parser = training_args_parser()
+    parser.prog, parser.description = "run_with_submitit.py", "Submitit launcher for DINO-SPARO pretraining"
     group = parser.add_argument_group("submitit / Slurm")
     group.add_argument("--ngpus", type=int, default=8, help="GPUs (and training processes) per node")
     group.add_argument("--nodes", type=int, default=2, help="number of nodes")
@@ -48,7 +48,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="submitit executor: slurm (default when available), local (subprocesses on this "
                        "machine, e.g. CPU tests) or debug (in this process)")
     parser.set_defaults(output_dir="")
-    return parse_training_args(argv, parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags (over their ``--config`` recipe) of main_dino.py and the launcher."""
+    return parse_training_args(argv, get_args_parser())
 
 
 class Trainer:

@@ -17,7 +17,6 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS_DOC = ROOT / "docs" / "flags.md"
@@ -61,19 +60,10 @@ def _stable_environment() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _parser(module: Any) -> argparse.ArgumentParser:
-    if module.__name__ != "run_with_submitit" or module.get_args_parser.__module__ == module.__name__:
-        return module.get_args_parser()
-    # run_with_submitit.py imports main_dino.py's get_args_parser and adds its own group inside parse_args, which
-    # hands the finished parser to the training parser's parse_args: take it there.
-    with mock.patch.object(module, "parse_training_args", lambda argv, parser: parser):
-        return module.parse_args([])
-
-
 def parsers() -> dict[str, argparse.ArgumentParser]:
     """Each script's parser, by script name."""
     with _stable_environment():
-        return {script: _parser(importlib.import_module(module)) for script, module in SCRIPTS}
+        return {script: importlib.import_module(module).get_args_parser() for script, module in SCRIPTS}
 
 
 def _cell(text: str) -> str:
