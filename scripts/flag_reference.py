@@ -25,6 +25,48 @@ SCRIPTS = (("main_dino.py", "main_dino"), ("run_with_submitit.py", "run_with_sub
            ("eval_knn.py", "eval_knn"), ("eval_linear.py", "eval_linear"), ("visualize_sparo.py", "visualize_sparo"))
 TRAINING_SCRIPT = "main_dino.py"
 LAUNCHER_SCRIPT = "run_with_submitit.py"
+# main_dino.py's flags that facebookresearch/dino's main_dino.py has, with the same name and meaning.
+DINO_FLAGS = frozenset((
+    "arch", "patch_size", "out_dim", "norm_last_layer", "momentum_teacher", "use_bn_in_head", "warmup_teacher_temp",
+    "teacher_temp", "warmup_teacher_temp_epochs", "use_fp16", "weight_decay", "weight_decay_end", "clip_grad",
+    "batch_size_per_gpu", "epochs", "freeze_last_layer", "lr", "warmup_epochs", "min_lr", "optimizer",
+    "drop_path_rate", "global_crops_scale", "local_crops_number", "local_crops_scale", "data_path", "output_dir",
+    "saveckp_freq", "seed", "num_workers", "dist_url", "local_rank"))
+# Why each of main_dino.py's other flags stays: what a user needs it for, or the paper or study that uses it.
+WHY = {
+    "config_file": "recipes as files (configs/)",
+    "depth": "DINOv2's ViT-L and ViT-g depths; small models for tests and studies",
+    "readout": "the read-out is what this project studies (SPARO against DINO's CLS and others)",
+    "readout_replace_blocks": "SPARO replaces the last block (the paper); 0 puts a read-out on top",
+    "num_registers": "DINOv2's register models (Darcet et al., ICLR 2024)",
+    "readout_sees_registers": "whether the read-out reads the registers (read-out comparison)",
+    "pos_embed_interpolation": "timm's resampling as an option; official weights were trained with DINO's",
+    "sparo_slots": "the paper's L", "sparo_slot_dim": "the paper's V", "sparo_attn_dim": "the paper's H",
+    "sparo_share_kv": "the paper's keys-as-values choice", "sparo_slot_norm": "the official code's slot normalisation",
+    "sparo_query_init_std": "sets the initial attention temperature (slot-specialisation study)",
+    "sparo_key_init_gain": "sets the initial attention temperature (slot-specialisation and retrofit studies)",
+    "sparo_lr_mult": "the read-out's own learning rate (slot-specialisation study: x10 raises peakedness)",
+    "map_heads": "the MAP read-out's heads (SigLIP)", "map_mlp_ratio": "the MAP read-out's MLP (SigLIP)",
+    "simpool_heads": "SimPool's heads (the paper: 1)", "simpool_gamma": "SimPool's pooling exponent (the paper: 1.25)",
+    "head_hidden_dim": "the DINO head's width (small heads for small data and tests)",
+    "head_bottleneck_dim": "the DINO head's bottleneck (small heads for small data and tests)",
+    "precision": "bf16 where the hardware computes it natively; the reference knows only fp16 and fp32",
+    "accum_steps": "large effective batches on few GPUs (the one-GPU and continued-training recipes)",
+    "compile": "GPU speed: torch.compile of each block",
+    "global_crop_size": "small images trained at their own scale", "local_crop_size": "DINOv2's 98 px for patch 14",
+    "augment_device": "colour, blur and solarisation batched on the GPU; pil: the reference's chain",
+    "init_from": "start from trained weights (DINO, DINOv2, DINOv3, timm, exports)",
+    "init_from_key": "which weights of --init_from (official files hold teacher and student)",
+    "freeze_blocks": "the retrofit: a new read-out on frozen trained blocks",
+    "unfreeze_at": "continued training's second stage (FINO)", "backbone_lr": "continued training's second stage",
+    "unfreeze_warmup": "continued training's second stage", "layerwise_decay": "DINOv2's layer-wise decay, stage 2",
+    "log_freq": "how often progress is printed (the reference: every 10 iterations)",
+    "viz_freq": "the slot monitor's attention maps in TensorBoard",
+    "device": "CPU runs, and a GPU other than the local rank's",
+    "dist_timeout": "a hung process ends the job with a named cause instead of waiting 30 min",
+    "knn_data_path": "a k-NN score after training that shows learning",
+    "demo": "the built-in demo", "demo_data_dir": "the built-in demo", "demo_num_images": "the built-in demo",
+}
 # Environment variables that parsers read for a default: unset while generating, so the reference is the same on
 # every machine.
 ENVIRONMENT_DEFAULTS = ("DINO_SPARO_SHARED",)
@@ -41,7 +83,9 @@ help says how).
   true`; those shown `[BOOL]` also take a bare `--flag`, meaning true.
 - `main_dino.py --config FILE` reads a recipe (a YAML file of these flags, or the name of one in `configs/`); flags
   given on the command line override it. `--demo` reads `configs/demo.yaml`.
-- Flags removed from earlier versions, and why: [removed.md](removed.md).
+- Flags removed from earlier versions, and why: [removed.md](removed.md). main_dino.py's tables say why each flag
+  is here: DINO's own (facebookresearch/dino's main_dino.py, same name and meaning), or what a user or a study
+  needs it for.
 """
 
 
@@ -121,11 +165,16 @@ def _help(action: argparse.Action, parser: argparse.ArgumentParser) -> str:
     return _cell(text) + (" (required)" if action.required else "")
 
 
-def _table(actions: Sequence[argparse.Action], parser: argparse.ArgumentParser) -> list[str]:
-    lines = ["| flag | default | help |", "|---|---|---|"]
+def _table(actions: Sequence[argparse.Action], parser: argparse.ArgumentParser, why: bool = False) -> list[str]:
+    """The rows of ``actions``; with ``why``, a column that says where each flag comes from."""
+    lines = ["| flag | default | help |" + (" why it is here |" if why else ""),
+             "|---|---|---|" + ("---|" if why else "")]
     for action in actions:
         flag = ", ".join(action.option_strings) + _metavar(action)
-        lines.append(f"| `{_cell(flag)}` | {_default(action)} | {_help(action, parser)} |")
+        row = f"| `{_cell(flag)}` | {_default(action)} | {_help(action, parser)} |"
+        if why:
+            row += " DINO's |" if action.dest in DINO_FLAGS else f" {WHY[action.dest]} |"
+        lines.append(row)
     return lines
 
 
@@ -169,7 +218,7 @@ def render() -> str:
                 lines += [f"### defaults that differ from {TRAINING_SCRIPT}'s", "", *_table(changed, parser), ""]
             groups = [(title, actions) for title, actions in groups if title not in training_groups]
         for title, actions in groups:
-            table = "\n".join(_table(actions, parser))
+            table = "\n".join(_table(actions, parser, why=script == TRAINING_SCRIPT))
             if (title, table) in first_seen:  # e.g. the evaluations' architecture flags, the same in each
                 earlier = first_seen[title, table]
                 lines += [f"### {title}", "", f"As in [{earlier}](#{_anchor(earlier)}).", ""]

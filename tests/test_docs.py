@@ -73,3 +73,10 @@ def test_the_link_check_sees_links_images_and_anchors_but_not_code(tmp_path):
     page.write_text("[a](docs/a.md) ![b](img.png \"title\") [c](https://x.org) [d](#top) [e](f.md#part)\n"
                     "`[g](not_a_link.md)`\n```\n[h](in_code.md)\n```\n")
     assert _relative_links(page) == ["docs/a.md", "img.png", "f.md#part"]
+
+
+def test_every_flag_of_main_dino_says_why_it_is_here(flag_reference):
+    """A flag beyond the reference's has to earn its place: adding one without a reason fails here."""
+    parser = flag_reference.parsers()["main_dino.py"]
+    flags = {action.dest for action in parser._actions if action.option_strings and action.dest != "help"}
+    assert flags - flag_reference.DINO_FLAGS == set(flag_reference.WHY)
