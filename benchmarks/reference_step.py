@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +23,17 @@ from torch import nn
 from dino_sparo.loss import DINOLoss
 from dino_sparo.models import Readout
 
+from .reference_readouts import reference_forward
+
 
 def make_reference_style(model: nn.Module) -> None:
     """Switches every timm attention of ``model`` to explicit softmax attention and every read-out to its
-    straightforward formulation (:meth:`Readout.reference_forward`: same parameters, same maths)."""
+    straightforward formulation (:func:`~.reference_readouts.reference_forward`: same parameters, same maths)."""
     for module in model.modules():
         if isinstance(module, (Attention, EvaAttention)):  # DINOv3's blocks are timm's Eva ones
             module.fused_attn = False
         if isinstance(module, Readout):
-            module.forward = module.reference_forward
+            module.forward = partial(reference_forward, module)
 
 
 def reference_dino_loss(loss: DINOLoss, student_output: torch.Tensor, teacher_output: torch.Tensor,
