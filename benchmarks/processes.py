@@ -1,7 +1,7 @@
-"""Running commands that can neither hang nor outlive their caller: each one in a session of its own, every wait
-with a deadline, and at the end the whole tree of processes it started killed, not only its process group
-(torchrun starts each worker in a session of its own). Linux only (the process tree is read from /proc).
-Standard library only: the GPU check imports this without torch.
+"""Running commands (for the tests, the benchmarks, the experiments and the GPU check) that can neither hang nor
+outlive their caller: each one in a session of its own, every wait with a deadline, and at the end the whole tree
+of processes it started killed, not only its process group (torchrun starts each worker in a session of its own).
+Linux only (the process tree is read from /proc). Standard library only: the GPU check imports this without torch.
 """
 from __future__ import annotations
 

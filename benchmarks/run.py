@@ -25,11 +25,11 @@ from dino_sparo.errors import UserError, run_cli
 from dino_sparo.models import ARCHS, READOUTS
 from dino_sparo.train.setup import PRECISIONS
 from dino_sparo.utils.files import write_json_atomic
-from dino_sparo.utils.machine import describe_machine
 
 from .common import print_table
 from .loader import TRANSFORMS as LOADER_TRANSFORMS
 from .loader import bench_loader
+from .machine import describe_machine
 
 BENCHES = ("train", "data", "knn", "loader")
 DEFAULT_BENCHES = ("train", "data", "knn")  # the loader bench takes every core, so it runs only when named

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from dino_sparo.distributed import resolve_device
-from dino_sparo.utils.processes import run_with_timeout
 
 from .common import best_time
+from .processes import run_with_timeout
 from .profile import device_peak_flops, profile_by_category, step_flops
 
 

@@ -8,6 +8,7 @@ import torch
 from helpers import ROOT, environment
 from PIL import Image
 
+from benchmarks.processes import kill_tree, start_session, wait_until
 from benchmarks.reference_step import ReferenceStep, reference_dino_loss
 from benchmarks.run import main
 from dino_sparo.errors import UserError
@@ -15,7 +16,6 @@ from dino_sparo.loss import DINOLoss
 from dino_sparo.optim import build_optimizer, get_params_groups
 from dino_sparo.train.setup import build_models
 from dino_sparo.train.step import TrainStep
-from dino_sparo.utils.processes import kill_tree, start_session, wait_until
 from main_dino import parse_args
 
 TINY_MODEL = ["--arch", "vit_tiny", "--depth", "3", "--out_dim", "256", "--global_crop_size", "32",

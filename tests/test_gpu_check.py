@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from dino_sparo.utils.processes import wait_until
+from benchmarks.processes import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"

@@ -1,5 +1,6 @@
-"""dino_sparo.utils: process control (a killed tree leaves no survivor, every wait has a deadline) and machine facts
-(what is known without torch is found without importing it)."""
+"""benchmarks.processes and benchmarks.machine (the tests', benchmarks', experiments' and GPU check's helpers):
+process control (a killed tree leaves no survivor, every wait has a deadline) and machine facts (what is known
+without torch is found without importing it)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import uuid
 
 import pytest
 
-from dino_sparo.utils import machine
-from dino_sparo.utils.processes import (
+from benchmarks import machine
+from benchmarks.processes import (
     children,
     descendants,
     free_port,
@@ -128,7 +129,7 @@ def test_free_port_can_be_bound():
 
 
 def test_machine_facts_without_torch_import_no_torch():
-    code = ("import json, sys; from dino_sparo.utils import files, machine, processes; "
+    code = ("import json, sys; from benchmarks import machine, processes; from dino_sparo.utils import files; "
             "info = machine.host_description(); print(json.dumps(info)); print('torch' in sys.modules)")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                                env={**os.environ, "PYTHONPATH": ROOT}, timeout=60)

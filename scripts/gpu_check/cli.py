@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dino_sparo.utils.processes import run_with_timeout
+from benchmarks.processes import run_with_timeout
 
 from . import __doc__ as OVERVIEW
 from .cuda_tests import check_cuda_tests

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dino_sparo.utils.machine import usable_cores
+from benchmarks.machine import usable_cores
 
 # Time limits of single commands (seconds); each is also cut to what is left of its part and of the check.
 STEP_LIMITS_S = {"environment": 60, "pytest": 100, "images": 30, "pretrain": 60, "checkpoint": 30, "knn": 40,

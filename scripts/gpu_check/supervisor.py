@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dino_sparo.utils.machine import usable_cores
-from dino_sparo.utils.processes import kill_tree, start_session, wait_for_exit
+from benchmarks.machine import usable_cores
+from benchmarks.processes import kill_tree, start_session, wait_for_exit
 
 from .plan import Plan
 from .report import Part, Step, overall_result, tail, write_report
