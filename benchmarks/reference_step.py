@@ -5,7 +5,8 @@ gradients unscaled before the per-parameter clipping, the last layer's gradients
 ``scaler.step`` and ``scaler.update``); on a CPU, where it cannot use fp16, in fp32. In both: explicit softmax
 attention in every timm block (``fused_attn = False``), each read-out as first written (SPARO projecting every
 token to every slot's keys), the loss as a double loop over crop pairs, per-parameter clipping with a host sync per
-parameter, the default (single-tensor) AdamW, a Python-loop teacher EMA and a ``loss.item()`` sync every step.
+parameter, the single-tensor AdamW (``foreach=False``: PyTorch 1.7, the reference's, had no other; today's default on
+a GPU is the multi-tensor one), a Python-loop teacher EMA and a ``loss.item()`` sync every step.
 The models are the very same modules the fast path trains.
 """
 from __future__ import annotations
@@ -71,7 +72,7 @@ class ReferenceStep:
         make_reference_style(student)
         make_reference_style(teacher)
         self.student, self.teacher, self.dino_loss = student, teacher, dino_loss
-        self.optimizer = torch.optim.AdamW(param_groups)
+        self.optimizer = torch.optim.AdamW(param_groups, foreach=False)
         self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
         fp16, device_type = precision == "fp16", torch.device(device).type
         self.scaler = torch.amp.GradScaler(device_type) if fp16 else None

@@ -35,7 +35,7 @@ BENCHES = ("train", "data", "knn", "loader")
 DEFAULT_BENCHES = ("train", "data", "knn")  # the loader bench takes every core, so it runs only when named
 COLUMNS = {
     "train": ["config", "arch", "readout", "mode", "precision", "compile", "images_per_s", "seconds", "peak_mib",
-              "speedup", "memory_ratio", "gflop_per_image", "mfu"],
+              "speedup", "memory_ratio", "gflop_per_image", "mfu", "skipped_steps"],
     "data": ["config", "mode", "worker_core_ms", "main_core_ms", "images_per_s", "seconds", "speedup"],
     "knn": ["config", "mode", "seconds", "top1", "top5", "speedup", "identical"],
     "loader": ["config", "mode", "workers", "images_per_s", "seconds"],

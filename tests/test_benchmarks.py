@@ -5,12 +5,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, environment
+from helpers import ROOT, environment, tiny_args
 from PIL import Image
 
 from benchmarks.processes import kill_tree, start_session, wait_until
 from benchmarks.reference_step import ReferenceStep, reference_dino_loss
 from benchmarks.run import main
+from benchmarks.train_step import RESULT_PREFIX, run_in_subprocess, skipped_steps, warm_up
 from dino_sparo.errors import UserError
 from dino_sparo.loss import DINOLoss
 from dino_sparo.optim import build_optimizer, get_params_groups
@@ -143,3 +144,59 @@ def test_reference_loss_loop_equals_project_loss():
     expected = project(student, teacher, 0)
     torch.testing.assert_close(reference_dino_loss(reference, student, teacher, 0), expected)
     torch.testing.assert_close(reference.center, project.center)
+
+
+def test_fp16_warm_up_lasts_until_the_scale_settles_and_later_skips_are_counted():
+    """The baseline's GradScaler starts at 65536, which this tiny model's fp16 gradients overflow: warm-up steps
+    go on until one leaves the scale unchanged (an update taken), so no timed step is a skipped one; a skip
+    while timing halves the scale and is counted. The baseline's AdamW is the single-tensor one."""
+    args = tiny_args("unused", "unused", "--precision", "fp32", "--drop_path_rate", "0", "--patch_size", "8")
+    student, teacher = build_models(args, torch.device("cpu"))
+    step = ReferenceStep(student, teacher, DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, 10),
+                         get_params_groups(student, args), 3.0, 0, "fp16")
+    assert step.optimizer.defaults["foreach"] is False
+    crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    initial = step.scaler.get_scale()
+    ran = warm_up(lambda: step(crops, 1, 0.99), step.scaler, 1, "baseline")
+    settled = step.scaler.get_scale()
+    assert settled < initial and ran == skipped_steps(initial, settled) + 1  # every skip, then one update
+    before = [p.detach().clone() for p in student.parameters()]
+    step(crops, 1, 0.99)
+    assert step.scaler.get_scale() == settled
+    assert any(not torch.equal(p, b) for p, b in zip(student.parameters(), before))
+    step.scaler.update(new_scale=2.0 ** 30)  # far past what the gradients bear: the next two steps are skipped
+    step(crops, 1, 0.99), step(crops, 1, 0.99)
+    assert skipped_steps(2.0 ** 30, step.scaler.get_scale()) == 2 and skipped_steps(4.0, 8.0) == 0
+
+
+HANDSHAKE = """
+import os, sys, time
+print(os.environ.get("TORCH_LOGS"), flush=True)
+while not os.path.exists(sys.argv[1]):  # written by the parent once it has seen the line above
+    time.sleep(0.01)
+print("timed step 1", flush=True)
+if sys.argv[2] == "hang":
+    time.sleep(300)
+print(sys.argv[2], flush=True)
+"""
+
+
+def test_a_benchmark_subprocess_streams_its_lines_and_a_killed_one_keeps_them(tmp_path):
+    """Each line reaches the log while the subprocess runs (it waits for the parent to have seen its first
+    line), the result line does not; a compiling one logs its recompilations; a subprocess killed at its time
+    limit leaves its lines in the log and an error naming the limit."""
+    logged = []
+    handshake = tmp_path / "seen"
+
+    def log(line: str) -> None:
+        logged.append(line)
+        handshake.touch()
+
+    result = run_in_subprocess([sys.executable, "-c", HANDSHAKE, handshake, RESULT_PREFIX + '{"rows": 1}'], log,
+                               compiles=True, timeout=60)
+    assert result == {"rows": 1} and logged == ["recompiles", "timed step 1"]
+    logged.clear()
+    handshake.unlink()
+    with pytest.raises(RuntimeError, match="killed after 3 s"):
+        run_in_subprocess([sys.executable, "-c", HANDSHAKE, handshake, "hang"], log, timeout=3)
+    assert logged[1:] == ["timed step 1"]

@@ -22,6 +22,7 @@ from benchmarks.processes import (
     kill_tree,
     run_with_timeout,
     start_session,
+    stream_output,
     supervised,
     wait_for_exit,
     wait_until,
@@ -103,6 +104,18 @@ def test_run_with_timeout_kills_the_whole_tree_on_timeout_and_keeps_the_output_s
     assert time.monotonic() - started < 20
     assert raised.value.output == "started\n"
     assert running_with(tag) == []
+
+
+def test_stream_output_hands_over_lines_as_written_and_kills_the_whole_tree():
+    tag = sleeper_tag()
+    seen = []
+    started = time.monotonic()
+    returncode, lines = stream_output(["bash", "-c", f"echo one; setsid sleep {tag} & sleep {tag}"], 2, seen.append)
+    assert returncode is None and lines == seen == ["one"] and time.monotonic() - started < 20
+    assert running_with(tag) == []
+    # Exited, while a process it left behind holds the output pipe open: its status, and that process killed.
+    returncode, lines = stream_output(["bash", "-c", f"echo two; sleep {tag} & exit 3"], 60, seen.append)
+    assert returncode == 3 and lines == ["two"] and running_with(tag) == []
 
 
 def test_wait_for_exit_polls_and_gives_up_at_its_deadline():
