@@ -149,8 +149,8 @@ class ReadoutBackbone:
         (frozen blocks, without stochastic depth or gradients, add theirs).
 
         Dynamo's DDP optimiser is turned off: it would split each compiled block at DistributedDataParallel's
-        bucket boundaries, which gains nothing inside one block; the DDP reducer still overlaps each block's
-        gradient all-reduce with the backward of the blocks before it."""
+        bucket boundaries, which gains nothing inside one block; DDP's own reducer still all-reduces each bucket
+        once its gradients are ready."""
         torch._dynamo.config.optimize_ddp = False
         for block in self.blocks:
             block.compile(backend=backend, dynamic=False)

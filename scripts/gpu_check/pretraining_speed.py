@@ -1,6 +1,7 @@
 """Part 4, pretraining speed: main_dino.py itself (data loading, augmentation on the device, step, EMA, logging)
-at ImageNet scale, ViT-S/16 with 2x224 + 8x96 crops, batch 64 and out_dim 65536, on generated 500x375 JPEGs, for
-about a minute: its images/s and the share of each epoch spent waiting for the loader, from log.txt."""
+at ImageNet scale, ViT-S/16 with 2x224 + 8x96 crops, batch 64 and out_dim 65536, on generated 500x375 JPEGs,
+until a SIGTERM after the plan's time: its images/s and the share of each epoch spent waiting for the loader, from
+log.txt, read first whatever the exit (a SIGTERM after the training loop ends the process, its epochs logged)."""
 from __future__ import annotations
 
 import signal
