@@ -1,4 +1,4 @@
-"""Timing and table printing shared by the benchmarks (machine facts: :mod:`dino_sparo.utils.machine`; atomic
+"""Timing and table printing shared by the benchmarks (machine facts: :mod:`benchmarks.machine`; atomic
 JSON: :mod:`dino_sparo.utils.files`)."""
 from __future__ import annotations
 

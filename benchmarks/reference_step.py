@@ -5,13 +5,15 @@ gradients unscaled before the per-parameter clipping, the last layer's gradients
 ``scaler.step`` and ``scaler.update``); on a CPU, where it cannot use fp16, in fp32. In both: explicit softmax
 attention in every timm block (``fused_attn = False``), each read-out as first written (SPARO projecting every
 token to every slot's keys), the loss as a double loop over crop pairs, per-parameter clipping with a host sync per
-parameter, the default (single-tensor) AdamW, a Python-loop teacher EMA and a ``loss.item()`` sync every step.
+parameter, the single-tensor AdamW (``foreach=False``: PyTorch 1.7, the reference's, had no other; today's default on
+a GPU is the multi-tensor one), a Python-loop teacher EMA and a ``loss.item()`` sync every step.
 The models are the very same modules the fast path trains.
 """
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +24,17 @@ from torch import nn
 from dino_sparo.loss import DINOLoss
 from dino_sparo.models import Readout
 
+from .reference_readouts import reference_forward
+
 
 def make_reference_style(model: nn.Module) -> None:
     """Switches every timm attention of ``model`` to explicit softmax attention and every read-out to its
-    straightforward formulation (:meth:`Readout.reference_forward`: same parameters, same maths)."""
+    straightforward formulation (:func:`~.reference_readouts.reference_forward`: same parameters, same maths)."""
     for module in model.modules():
         if isinstance(module, (Attention, EvaAttention)):  # DINOv3's blocks are timm's Eva ones
             module.fused_attn = False
         if isinstance(module, Readout):
-            module.forward = module.reference_forward
+            module.forward = partial(reference_forward, module)
 
 
 def reference_dino_loss(loss: DINOLoss, student_output: torch.Tensor, teacher_output: torch.Tensor,
@@ -68,7 +72,7 @@ class ReferenceStep:
         make_reference_style(student)
         make_reference_style(teacher)
         self.student, self.teacher, self.dino_loss = student, teacher, dino_loss
-        self.optimizer = torch.optim.AdamW(param_groups)
+        self.optimizer = torch.optim.AdamW(param_groups, foreach=False)
         self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
         fp16, device_type = precision == "fp16", torch.device(device).type
         self.scaler = torch.amp.GradScaler(device_type) if fp16 else None

@@ -23,19 +23,19 @@ from dino_sparo.cli import block_count_or_all, bool_flag, ensure_writable_dir, p
 from dino_sparo.distributed import resolve_device
 from dino_sparo.errors import UserError, run_cli
 from dino_sparo.models import ARCHS, READOUTS
-from dino_sparo.train.setup import PRECISIONS
+from dino_sparo.train.flags import PRECISIONS
 from dino_sparo.utils.files import write_json_atomic
-from dino_sparo.utils.machine import describe_machine
 
 from .common import print_table
 from .loader import TRANSFORMS as LOADER_TRANSFORMS
 from .loader import bench_loader
+from .machine import describe_machine
 
 BENCHES = ("train", "data", "knn", "loader")
 DEFAULT_BENCHES = ("train", "data", "knn")  # the loader bench takes every core, so it runs only when named
 COLUMNS = {
     "train": ["config", "arch", "readout", "mode", "precision", "compile", "images_per_s", "seconds", "peak_mib",
-              "speedup", "memory_ratio", "gflop_per_image", "mfu"],
+              "speedup", "memory_ratio", "gflop_per_image", "mfu", "skipped_steps"],
     "data": ["config", "mode", "worker_core_ms", "main_core_ms", "images_per_s", "seconds", "speedup"],
     "knn": ["config", "mode", "seconds", "top1", "top5", "speedup", "identical"],
     "loader": ["config", "mode", "workers", "images_per_s", "seconds"],

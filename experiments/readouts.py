@@ -29,6 +29,7 @@ import torch
 
 import eval_linear
 import main_dino
+from benchmarks.machine import summary_line
 from dino_sparo.data.datasets import ImageDataset, evenly_spaced, ordered_loader
 from dino_sparo.data.transforms import eval_transform
 from dino_sparo.eval.slot_stats import measure_slots
@@ -38,7 +39,6 @@ from dino_sparo.optim import build_optimizer, get_params_groups
 from dino_sparo.train.setup import build_models
 from dino_sparo.train.step import TrainStep
 from dino_sparo.utils.files import write_json_atomic, write_text_atomic
-from dino_sparo.utils.machine import summary_line
 
 from .slot_ablation import (
     CROP_SIZE,

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 import main_dino
+from benchmarks.machine import summary_line
 from dino_sparo.checkpoint import load_student_weights, save_atomic
 from dino_sparo.train.setup import build_models, jsonable_args, resolve_args
 from dino_sparo.utils.files import write_json_atomic, write_text_atomic
-from dino_sparo.utils.machine import summary_line
 from experiments.slot_ablation import (
     CLS,
     KNN_KS,

@@ -42,6 +42,7 @@ from sklearn.model_selection import train_test_split
 
 import eval_knn
 import main_dino
+from benchmarks.machine import summary_line
 from dino_sparo.data.datasets import ImageDataset, evenly_spaced, ordered_loader
 from dino_sparo.data.demo import ensure_demo_dataset
 from dino_sparo.data.images import images_under
@@ -49,7 +50,6 @@ from dino_sparo.data.transforms import eval_transform
 from dino_sparo.eval.slot_stats import measure_slots
 from dino_sparo.models.config import build_backbone, resolve_model_config
 from dino_sparo.utils.files import write_json_atomic, write_text_atomic
-from dino_sparo.utils.machine import summary_line
 
 SPLIT_SEED = 0
 HOLDOUT_FRACTION = 0.2

@@ -35,9 +35,9 @@ from sklearn.datasets import load_digits
 
 import eval_knn
 import main_dino
+from benchmarks.machine import summary_line
 from dino_sparo.data.demo import default_cache_dir
 from dino_sparo.data.images import images_under
-from dino_sparo.utils.machine import summary_line
 from experiments.slot_ablation import (
     CROP_SIZE,
     RESIZE_SIZE,

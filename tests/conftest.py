@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -24,3 +26,18 @@ def gloo_pair():
     pair = GlooPair()
     yield pair
     pair.close()
+
+
+@pytest.fixture(scope="session")
+def inductor_cache(tmp_path_factory):
+    """One inductor cache folder for the whole test session, in this process's environment and passed on to the
+    scripts the tests run, so that a graph another test already compiled is read back instead of compiled again."""
+    folder = tmp_path_factory.getbasetemp() / "inductor_cache"
+    folder.mkdir(exist_ok=True)
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous

@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.processes import free_port as free_port  # process control, re-exported for the tests
+from benchmarks.processes import kill_tree as kill_tree
+from benchmarks.processes import run_with_timeout
+from benchmarks.processes import wait_until as wait_until
 from dino_sparo.errors import run_cli
 from dino_sparo.models import DINOHead, ModelConfig, MultiCropWrapper, build_backbone
 from dino_sparo.train.config import TrainConfig, parse_config
-from dino_sparo.utils.processes import free_port as free_port  # process control, re-exported for the tests
-from dino_sparo.utils.processes import kill_tree as kill_tree
-from dino_sparo.utils.processes import run_with_timeout
-from dino_sparo.utils.processes import wait_until as wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]

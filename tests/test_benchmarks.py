@@ -5,18 +5,18 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, environment
+from helpers import ROOT, environment, tiny_config
 from PIL import Image
 
+from benchmarks.processes import kill_tree, start_session, wait_until
 from benchmarks.reference_step import ReferenceStep, reference_dino_loss
 from benchmarks.run import main
+from benchmarks.train_step import RESULT_PREFIX, run_in_subprocess, skipped_steps, warm_up
 from dino_sparo.errors import UserError
 from dino_sparo.loss import DINOLoss
-from dino_sparo.optim import build_optimizer, get_params_groups
-from dino_sparo.train.setup import build_models
-from dino_sparo.train.step import TrainStep
-from dino_sparo.utils.processes import kill_tree, start_session, wait_until
-from main_dino import parse_args
+from dino_sparo.optim import get_params_groups
+from dino_sparo.train.build import build_models, build_training
+from dino_sparo.train.config import parse_config
 
 TINY_MODEL = ["--arch", "vit_tiny", "--depth", "3", "--out_dim", "256", "--global_crop_size", "32",
               "--local_crop_size", "16", "--batch_size", "2", "--local_crops_number", "2"]
@@ -101,30 +101,25 @@ def test_json_keeps_the_finished_rows_when_the_run_is_killed_midway(tmp_path):
 def test_baseline_step_does_the_same_update_as_the_fast_step(readout):
     """The reference-style step (explicit attention, per-token SPARO, loss loop, loop EMA) and the project's
     step must train identically from identical weights, or the speed ratio would compare different work."""
-    args = parse_args(["--arch", "vit_tiny", "--depth", "3", "--readout", readout, "--sparo_slots", "4",
-                       "--sparo_slot_dim", "8", "--out_dim", "64", "--head_hidden_dim", "32",
+    args = parse_config(["--data_path", "unused", "--arch", "vit_tiny", "--depth", "3", "--readout", readout,
+                         "--sparo_slots", "4", "--sparo_slot_dim", "8", "--out_dim", "64", "--head_hidden_dim", "32",
                        "--head_bottleneck_dim", "16", "--drop_path_rate", "0", "--global_crop_size", "32",
                        "--local_crop_size", "16", "--local_crops_number", "2", "--precision", "fp32"])
-    device = torch.device("cpu")
     torch.manual_seed(0)
     crops = [torch.randn(2, 3, 32, 32) for _ in range(2)] + [torch.randn(2, 3, 16, 16) for _ in range(2)]
     results = []
     for kind in ("fast", "baseline"):
         torch.manual_seed(1)
-        student, teacher = build_models(args, device)
+        step = build_training(args)
+        teacher, loss = step.teacher, step.dino_loss
         initial = torch.cat([p.detach().flatten().clone() for p in teacher.parameters()])
-        loss = DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, 10)
-        groups = get_params_groups(student)
-        if kind == "fast":
-            optimizer = build_optimizer("adamw", groups, device)
-            step = TrainStep(args, student, student, teacher, loss, optimizer, None, "fp32", device)
-        else:
-            step = ReferenceStep(student, teacher, loss, groups, args.clip_grad, args.freeze_last_layer)
-            optimizer = step.optimizer
-        for group in optimizer.param_groups:
+        if kind == "baseline":
+            step = ReferenceStep(step.student_module, teacher, loss, get_params_groups(step.student_module),
+                                 args.clip_grad, args.freeze_last_layer)
+        for group in step.optimizer.param_groups:
             group["lr"] = 1e-3
         for _ in range(2):
-            value = step(crops, 1, 0.9)
+            value = step([crops] if kind == "fast" else crops, 1, 0.9)
         update = torch.cat([p.detach().flatten() for p in teacher.parameters()]) - initial
         results.append((float(value["loss"]) if isinstance(value, dict) else value, update, loss.center.clone()))
     (fast_loss, fast_update, fast_center), (base_loss, base_update, base_center) = results
@@ -143,3 +138,59 @@ def test_reference_loss_loop_equals_project_loss():
     expected = project(student, teacher, 0)
     torch.testing.assert_close(reference_dino_loss(reference, student, teacher, 0), expected)
     torch.testing.assert_close(reference.center, project.center)
+
+
+def test_fp16_warm_up_lasts_until_the_scale_settles_and_later_skips_are_counted():
+    """The baseline's GradScaler starts at 65536, which this tiny model's fp16 gradients overflow: warm-up steps
+    go on until one leaves the scale unchanged (an update taken), so no timed step is a skipped one; a skip
+    while timing halves the scale and is counted. The baseline's AdamW is the single-tensor one."""
+    args = tiny_config("unused", "unused", "--precision", "fp32", "--drop_path_rate", "0", "--patch_size", "8")
+    student, teacher = build_models(args, torch.device("cpu"))
+    step = ReferenceStep(student, teacher, DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, 10),
+                         get_params_groups(student, args.model.readout_options), 3.0, 0, "fp16")
+    assert step.optimizer.defaults["foreach"] is False
+    crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    initial = step.scaler.get_scale()
+    ran = warm_up(lambda: step(crops, 1, 0.99), step.scaler, 1, "baseline")
+    settled = step.scaler.get_scale()
+    assert settled < initial and ran == skipped_steps(initial, settled) + 1  # every skip, then one update
+    before = [p.detach().clone() for p in student.parameters()]
+    step(crops, 1, 0.99)
+    assert step.scaler.get_scale() == settled
+    assert any(not torch.equal(p, b) for p, b in zip(student.parameters(), before))
+    step.scaler.update(new_scale=2.0 ** 30)  # far past what the gradients bear: the next two steps are skipped
+    step(crops, 1, 0.99), step(crops, 1, 0.99)
+    assert skipped_steps(2.0 ** 30, step.scaler.get_scale()) == 2 and skipped_steps(4.0, 8.0) == 0
+
+
+HANDSHAKE = """
+import os, sys, time
+print(os.environ.get("TORCH_LOGS"), flush=True)
+while not os.path.exists(sys.argv[1]):  # written by the parent once it has seen the line above
+    time.sleep(0.01)
+print("timed step 1", flush=True)
+if sys.argv[2] == "hang":
+    time.sleep(300)
+print(sys.argv[2], flush=True)
+"""
+
+
+def test_a_benchmark_subprocess_streams_its_lines_and_a_killed_one_keeps_them(tmp_path):
+    """Each line reaches the log while the subprocess runs (it waits for the parent to have seen its first
+    line), the result line does not; a compiling one logs its recompilations; a subprocess killed at its time
+    limit leaves its lines in the log and an error naming the limit."""
+    logged = []
+    handshake = tmp_path / "seen"
+
+    def log(line: str) -> None:
+        logged.append(line)
+        handshake.touch()
+
+    result = run_in_subprocess([sys.executable, "-c", HANDSHAKE, handshake, RESULT_PREFIX + '{"rows": 1}'], log,
+                               compiles=True, timeout=60)
+    assert result == {"rows": 1} and logged == ["recompiles", "timed step 1"]
+    logged.clear()
+    handshake.unlink()
+    with pytest.raises(RuntimeError, match="killed after 3 s"):
+        run_in_subprocess([sys.executable, "-c", HANDSHAKE, handshake, "hang"], log, timeout=3)
+    assert logged[1:] == ["timed step 1"]

@@ -1,9 +1,10 @@
+import json
 import os
 import sys
 
 import pytest
 import torch
-from helpers import ROOT, TINY, make_images, run, tiny_config
+from helpers import ROOT, TINY, TORCHRUN, environment, make_images, run, script, tiny_config
 
 from dino_sparo.data import DataAugmentationDINO
 from dino_sparo.data.datasets import ImageDataset, ResumableDistributedSampler
@@ -46,6 +47,28 @@ def test_two_processes_gloo_keep_identical_teachers(tmp_path):
     assert "2 process(es)" in completed.stdout and completed.stdout.count("student:") == 1  # rank 0 prints
     assert completed.stdout.count("the backbone is unfrozen") == 1
     assert (out / "checkpoint.pth").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_gloo_train_save_and_resume_with_compiled_blocks(tmp_path, inductor_cache):
+    """``--compile true`` under torchrun: each rank's compiled blocks inside DistributedDataParallel (Dynamo's DDP
+    optimiser off) train an epoch and save; the same command with one more epoch resumes from the checkpoint."""
+    data = make_images(tmp_path / "data", count=16)
+    out = tmp_path / "out"
+    flags = [*TINY, "--patch_size", "8", "--precision", "fp32", "--compile", "--data_path", data, "--output_dir", out]
+    env = environment(TORCHINDUCTOR_CACHE_DIR=str(inductor_cache))
+    for epochs in (1, 2):
+        completed = run([*TORCHRUN, "--nproc_per_node", "2", *script("main_dino.py")[1:], *flags, "--epochs", epochs],
+                        timeout=400, env=env)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+    with open(out / "log.txt") as handle:
+        records = [json.loads(line) for line in handle]
+    assert [record["epoch"] for record in records] == [0, 1]
+    assert [record["world_size"] for record in records] == [2, 2]
+    assert records[1]["resumed_from_epoch"] == 1
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)
+    eager, _ = build_models(tiny_config(data, out, "--patch_size", "8"), torch.device("cpu"))
+    assert saved["epoch"] == 2 and saved["student"].keys() == eager.state_dict().keys()
 
 
 def _steps(rank: int, world_size: int, crops: list[list[torch.Tensor]], out: str, accum_steps: int = 1) -> None:

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.processes import free_port
 from dino_sparo.eval.knn import knn_classifier
-from dino_sparo.utils.processes import free_port
 
 
 def test_knn_known_answer_with_exponential_weights():

@@ -2,21 +2,22 @@
 (here its logic under CPU autocast), fp32 on a CPU."""
 import pytest
 import torch
-from helpers import tiny_args
+from helpers import tiny_config
 
 from benchmarks.reference_step import ReferenceStep, reference_precision
 from dino_sparo.loss import DINOLoss
 from dino_sparo.optim import get_params_groups
-from dino_sparo.train.setup import build_models
+from dino_sparo.train.build import build_models
 
 
 def reference_update(precision: str, clip_grad: float = 3.0, init_scale: float | None = None):
-    args = tiny_args("unused", "unused", "--precision", "fp32", "--drop_path_rate", "0", "--patch_size", "8")
+    args = tiny_config("unused", "unused", "--precision", "fp32", "--drop_path_rate", "0", "--patch_size", "8")
     torch.manual_seed(0)
     student, teacher = build_models(args, torch.device("cpu"))
     before = torch.cat([p.detach().flatten().clone() for p in student.parameters()])
     loss_fn = DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, 10)
-    step = ReferenceStep(student, teacher, loss_fn, get_params_groups(student, args), clip_grad, 0, precision)
+    groups = get_params_groups(student, args.model.readout_options)
+    step = ReferenceStep(student, teacher, loss_fn, groups, clip_grad, 0, precision)
     if init_scale is not None:
         step.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     for group in step.optimizer.param_groups:

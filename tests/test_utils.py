@@ -1,5 +1,6 @@
-"""dino_sparo.utils: process control (a killed tree leaves no survivor, every wait has a deadline) and machine facts
-(what is known without torch is found without importing it)."""
+"""benchmarks.processes and benchmarks.machine (the tests', benchmarks', experiments' and GPU check's helpers):
+process control (a killed tree leaves no survivor, every wait has a deadline) and machine facts (what is known
+without torch is found without importing it)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import uuid
 
 import pytest
 
-from dino_sparo.utils import machine
-from dino_sparo.utils.processes import (
+from benchmarks import machine
+from benchmarks.processes import (
     children,
     descendants,
     free_port,
@@ -21,6 +22,7 @@ from dino_sparo.utils.processes import (
     kill_tree,
     run_with_timeout,
     start_session,
+    stream_output,
     supervised,
     wait_for_exit,
     wait_until,
@@ -104,6 +106,18 @@ def test_run_with_timeout_kills_the_whole_tree_on_timeout_and_keeps_the_output_s
     assert running_with(tag) == []
 
 
+def test_stream_output_hands_over_lines_as_written_and_kills_the_whole_tree():
+    tag = sleeper_tag()
+    seen = []
+    started = time.monotonic()
+    returncode, lines = stream_output(["bash", "-c", f"echo one; setsid sleep {tag} & sleep {tag}"], 2, seen.append)
+    assert returncode is None and lines == seen == ["one"] and time.monotonic() - started < 20
+    assert running_with(tag) == []
+    # Exited, while a process it left behind holds the output pipe open: its status, and that process killed.
+    returncode, lines = stream_output(["bash", "-c", f"echo two; sleep {tag} & exit 3"], 60, seen.append)
+    assert returncode == 3 and lines == ["two"] and running_with(tag) == []
+
+
 def test_wait_for_exit_polls_and_gives_up_at_its_deadline():
     with supervised([sys.executable, "-c", "import time; time.sleep(300)"]) as process:
         polls = []
@@ -128,7 +142,7 @@ def test_free_port_can_be_bound():
 
 
 def test_machine_facts_without_torch_import_no_torch():
-    code = ("import json, sys; from dino_sparo.utils import files, machine, processes; "
+    code = ("import json, sys; from benchmarks import machine, processes; from dino_sparo.utils import files; "
             "info = machine.host_description(); print(json.dumps(info)); print('torch' in sys.modules)")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                                env={**os.environ, "PYTHONPATH": ROOT}, timeout=60)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from timm.layers import DropPath as TimmDropPath
 from torch import nn
 
 from .readouts import READOUTS, Readout
@@ -46,6 +47,32 @@ def check_backbone_args(readout: str, readout_options: dict[str, Any], num_regis
     return replaced
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., ECCV 2016) drawn as the reference DINO draws it, one keep-or-drop per
+    sample, with its rate held as data: a 0-dim buffer ``drop_prob`` rather than timm's Python float. Under
+    ``torch.compile`` a float is a constant guarded on, so each block of its own rate would compile a graph of its
+    own (and past the recompile limit, run eagerly); a buffer is an input, so blocks that differ only in their rate
+    share one graph. The buffer is not saved: state dicts keep timm's keys."""
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+        self.register_buffer("drop_prob", torch.tensor(float(drop_prob)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        # Drawn in float32 (a bf16 draw would round keep + rand and skew the drop rate), as the reference:
+        # floor(keep + U[0, 1)) is 1 with probability keep, then scaled so the expectation is x.
+        mask = (keep + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device)).floor_() / keep
+        return x * mask.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={float(self.drop_prob):.3f}"
+
+
 class ReadoutBackbone:
     """Mixin of the read-out and the block-level methods; see the module docstring for what a subclass supplies.
     Its ``__init__`` builds the timm model at full depth (so the stochastic-depth rates of the kept blocks are the
@@ -58,17 +85,30 @@ class ReadoutBackbone:
 
     def attach_readout(self, readout: str, readout_options: dict[str, Any], replaced: int, embed_dim: int,
                        num_heads: int, readout_sees_registers: bool) -> None:
-        """Drops the last ``replaced`` blocks and adds the read-out as the attribute its ``state_prefix`` names."""
+        """Drops the last ``replaced`` blocks, holds the stochastic-depth rates of the others as data
+        (:class:`DropPath`) and adds the read-out as the attribute its ``state_prefix`` names."""
         self.readout_sees_registers = readout_sees_registers
         self.readout = readout
         if replaced:
             self.blocks = self.blocks[: len(self.blocks) - replaced]
+        self._drop_rates_as_data()
         readout_class = READOUTS[readout]
         self._readout_attribute = readout_class.state_prefix
         readout_prefix_tokens = self.num_prefix_tokens if readout_sees_registers else 1
         self.add_module(readout_class.state_prefix, readout_class.from_config(
             {**READOUT_OPTION_DEFAULTS, **readout_options}, embed_dim, num_heads, readout_prefix_tokens))
         self.feature_dim = self.readout_module.output_dim
+
+    def _drop_rates_as_data(self) -> None:
+        """timm's drop paths replaced by :class:`DropPath` of the same rates. With stochastic depth on, the first
+        block (rate 0, an ``Identity`` in timm) gets one too, so that every block has the same modules and one
+        compiled graph serves them all; without it, every block keeps timm's ``Identity``."""
+        if not any(isinstance(module, TimmDropPath) for module in self.blocks.modules()):
+            return
+        for block in self.blocks:
+            for name in ("drop_path1", "drop_path2"):
+                timm_module = getattr(block, name)
+                setattr(block, name, DropPath(timm_module.drop_prob if isinstance(timm_module, TimmDropPath) else 0.0))
 
     # ------------------------------------------------------------------------------------ what subclasses supply
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,12 +141,19 @@ class ReadoutBackbone:
             return tokens
         return torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens:]], dim=1)
 
-    def compile_blocks(self) -> None:
-        """``torch.compile`` of each transformer block (regional compilation): the blocks share one code object,
-        so one graph per input shape (crop resolution, with or without gradients) serves every block, which keeps
-        compile time bounded; parameter names, hence checkpoints, do not change."""
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """``torch.compile`` of each transformer block (regional compilation); parameter names, hence checkpoints,
+        do not change. The blocks share one code object and differ only in data (their weights and stochastic-depth
+        rates, see :class:`DropPath`), so one graph per crop resolution and gradient mode serves every block:
+        the student's global and local crops and the teacher's global crops make three, whatever the depth
+        (frozen blocks, without stochastic depth or gradients, add theirs).
+
+        Dynamo's DDP optimiser is turned off: it would split each compiled block at DistributedDataParallel's
+        bucket boundaries, which gains nothing inside one block; DDP's own reducer still all-reduces each bucket
+        once its gradients are ready."""
+        torch._dynamo.config.optimize_ddp = False
         for block in self.blocks:
-            block.compile(dynamic=False)
+            block.compile(backend=backend, dynamic=False)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """The tokens of images ``x`` before any block, and the keyword arguments of each block call on them."""

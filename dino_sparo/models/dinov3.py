@@ -58,6 +58,7 @@ class DINOv3VisionTransformer(ReadoutBackbone, Eva):
             nn.init.trunc_normal_(self.reg_token, std=0.02)
         self.num_registers = num_registers
         self.pos_embed_interpolation = pos_embed_interpolation
+        self._rope_tables: dict[tuple[tuple[int, int], torch.device, torch.dtype], torch.Tensor] = {}
         self.attach_readout(readout, readout_options, replaced, embed_dim, num_heads, readout_sees_registers)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,20 @@ class DINOv3VisionTransformer(ReadoutBackbone, Eva):
                 raise ValueError(f"the patch grid of {patches} tokens is not square: run the images from the start "
                                  f"(forward) instead of forward_from")
             grid = (side, side)
-        return {"rope": self.rope.get_embed(shape=list(grid))}
+        return {"rope": self.rope_table(grid)}
+
+    def rope_table(self, grid: tuple[int, int]) -> torch.Tensor:
+        """timm's RoPE table (rows * cols, 2 * head_dim: sines, cosines) of a (rows, cols) patch grid, built
+        once per grid, device and dtype. timm builds the coordinates on the CPU and copies them to the device on
+        every call, a copy that waits for the device (three times a training step); only while its coordinate
+        augmentation draws new coordinates (in training, when configured) is a fresh table needed each time."""
+        rope = self.rope
+        if rope.training and rope.aug_active:
+            return rope.get_embed(shape=list(grid))
+        key = (tuple(grid), rope.periods.device, rope.periods.dtype)
+        if key not in self._rope_tables:
+            self._rope_tables[key] = rope.get_embed(shape=list(grid))
+        return self._rope_tables[key]
 
     def attention_weights(self, block: nn.Module, normed: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
         attn = block.attn

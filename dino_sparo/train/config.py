@@ -243,13 +243,14 @@ def _device(requested: str) -> str:
     return requested
 
 
-def resolve_precision(precision: str, use_fp16: bool | None, device: str) -> str:
+def resolve_precision(precision: str, use_fp16: bool | None, device: str | torch.device) -> str:
     """``fp32``, ``fp16`` or ``bf16`` from ``--precision`` (and the reference's ``--use_fp16``) on ``device``.
 
     ``auto`` takes bf16 only where it is native: CUDA GPUs that compute in bf16 (Ampere and later; V100 and T4
     only emulate it, so they get fp16 + GradScaler as in the reference) and CPUs with AVX512-BF16 or AMX
     (elsewhere emulated bf16 matmuls are several times slower than fp32).
     """
+    device = str(device)
     cuda = device.startswith("cuda")
     if precision == "auto" and use_fp16 is not None:
         precision = "fp16" if use_fp16 else "fp32"

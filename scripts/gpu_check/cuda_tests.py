@@ -1,12 +1,12 @@
-"""Part 2, CUDA tests: ``pytest -m cuda``, read from pytest's own summary."""
+"""Part 2, CUDA tests: ``pytest -m cuda`` over the test modules that mark tests ``cuda`` (collecting only those
+spares importing every other module), read from pytest's own summary. ``-rfEs`` lists each failure, error and skip
+by name in that summary, at the end of the log, where the report's log tail shows it."""
 from __future__ import annotations
 
 import re
-import sys
 
-from .plan import STEP_LIMITS_S
 from .report import Part
-from .supervisor import Check
+from .supervisor import ROOT, Check
 
 PYTEST_NO_TESTS_COLLECTED = 5
 
@@ -25,12 +25,19 @@ def collection_errors(output: str) -> list[str]:
     return [f"{module}: {error.strip()}" for module, error in found]
 
 
+def cuda_test_modules() -> list[str]:
+    """The test modules (relative to the repository) whose text marks tests ``cuda``."""
+    return sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("test_*.py")
+                  if "mark.cuda" in path.read_text())
+
+
 def check_cuda_tests(check: Check, part: Part) -> None:
     # A module that cannot be imported here (say, one needing a package this machine lacks) must not keep the
     # CUDA tests of the other modules from running: they run, and the import errors are reported.
-    step = check.step(part, "pytest", [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs",
-                                       "-p", "no:cacheprovider", "--continue-on-collection-errors"],
-                      STEP_LIMITS_S["pytest"],
+    step = check.step(part, "pytest", [check.python, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", "--tb=short",
+                                       "-p", "no:cacheprovider", "--continue-on-collection-errors",
+                                       *cuda_test_modules()],
+                      check.limit(part, "pytest"),
                       # In the dry run, where no test can use CUDA, finding none is not the command's failure.
                       ok_returncodes=(0, PYTEST_NO_TESTS_COLLECTED) if check.dry_run else (0,))
     counts = pytest_counts(step.output)

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-from .plan import EVAL_SIZE_FLAGS, IMAGE_SIDE, PRETRAIN_FLAGS, STEP_LIMITS_S
+from .plan import EVAL_SIZE_FLAGS, IMAGE_SIDE, PRETRAIN_FLAGS
 from .report import Part
-from .supervisor import Check, module_command, signal_once_logged
+from .supervisor import Check, signal_once_logged
 from .training_log import NOT_RECORDED, TrainingLog, describe_setup, setup_problem
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+# torchrun's workers log NCCL's warnings (set up, transport, timeouts), not its chatter.
+TORCHRUN_ENV = {"NCCL_DEBUG": "WARN"}
 PRETRAIN_EPOCHS = int(PRETRAIN_FLAGS[PRETRAIN_FLAGS.index("--epochs") + 1])
 LOADER_KILLED = re.compile(r"DataLoader worker \(pid \d+\) is killed by signal")
 LOADER_ADVICE = ("the DataLoader worker processes died of the SIGTERM (torchrun signals each worker's whole process "
@@ -22,8 +22,9 @@ LOADER_ADVICE = ("the DataLoader worker processes died of the SIGTERM (torchrun 
 
 
 def pretrain_command(check: Check, data: Path, output_dir: Path, precision: str) -> list[str]:
-    return [*TORCHRUN, "main_dino.py", "--data_path", str(data), "--output_dir", str(output_dir), *PRETRAIN_FLAGS,
-            "--precision", precision, "--device", check.plan.device, "--num_workers", str(check.plan.workers)]
+    return [check.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "main_dino.py",
+            "--data_path", str(data), "--output_dir", str(output_dir), *PRETRAIN_FLAGS, "--precision", precision,
+            "--device", check.plan.device, "--num_workers", str(check.plan.workers)]
 
 
 def record_training(check: Check, part: Part, output_dir: Path, precision: str, label: str) -> None:
@@ -47,8 +48,8 @@ def checkpoint_position(check: Check, part: Part, checkpoint: Path, label: str) 
     if not checkpoint.exists():
         part.problems.append(f"{label}: no checkpoint was written")
         return None
-    probe = check.step(part, "checkpoint", module_command("probe", "checkpoint", checkpoint),
-                       STEP_LIMITS_S["checkpoint"])
+    probe = check.step(part, "checkpoint", check.module_command("probe", "checkpoint", checkpoint),
+                       check.limit(part, "checkpoint"))
     if not part.succeeded(probe, f"{label}: reading the checkpoint"):
         return None
     position = json.loads(probe.output.strip().splitlines()[-1])
@@ -60,8 +61,8 @@ def pretrain_preempted_and_resumed(check: Check, part: Part, command: list[str],
     """The run is sent SIGTERM once it has printed an iteration's progress; it must save its state mid-epoch and
     stop, and the same command must then resume it where it stopped and finish."""
     # torchrun itself exits non-zero when it is signalled, whatever its worker did: the checkpoint tells.
-    stopped = check.step(part, f"pretrain_{precision}_preempted", command, STEP_LIMITS_S["pretrain"],
-                         watch=signal_once_logged("img/s:"), ok_returncodes=range(1, 256))
+    stopped = check.step(part, f"pretrain_{precision}_preempted", command, check.limit(part, "pretrain"),
+                         watch=signal_once_logged("img/s:"), ok_returncodes=range(1, 256), env=TORCHRUN_ENV)
     if stopped.status in ("timeout", "skipped"):
         return
     if stopped.returncode == 0:
@@ -81,7 +82,8 @@ def pretrain_preempted_and_resumed(check: Check, part: Part, command: list[str],
                              f"{stopped.returncode}; the checkpoint is that of epoch {position[0]}'s start)"
                              + (f"; {LOADER_ADVICE}" if loader_killed else ""))
 
-    resumed = check.step(part, f"pretrain_{precision}_resumed", command, STEP_LIMITS_S["pretrain"])
+    resumed = check.step(part, f"pretrain_{precision}_resumed", command, check.limit(part, "pretrain"),
+                         env=TORCHRUN_ENV)
     if not part.succeeded(resumed, f"{label}: the rerun"):
         return
     resumed_at = TrainingLog.read(output_dir).resumed_at()
@@ -97,28 +99,28 @@ def pretrain_preempted_and_resumed(check: Check, part: Part, command: list[str],
 def evaluate(check: Check, part: Part, checkpoint: Path, data: Path, runs: Path) -> None:
     """k-NN, one epoch of linear probe and the attention maps of ``checkpoint``."""
     workers = ("--num_workers", str(check.plan.workers))
-    knn = check.step(part, "knn", [sys.executable, "eval_knn.py", "--pretrained_weights", checkpoint,
+    knn = check.step(part, "knn", [check.python, "eval_knn.py", "--pretrained_weights", checkpoint,
                                    "--data_path", data, *EVAL_SIZE_FLAGS, "--nb_knn", "10", "20", *workers,
-                                   "--output_dir", runs / "knn"], STEP_LIMITS_S["knn"])
+                                   "--output_dir", runs / "knn"], check.limit(part, "knn"))
     # eval_knn.py writes no file for a plain k-NN: its result lines are what there is.
     top1 = dict(re.findall(r"(\d+)-NN classifier result: Top1: ([\d.]+)", knn.output))
     if part.succeeded(knn, "eval_knn.py") and part.expect(bool(top1), "eval_knn.py printed no accuracy"):
         part.figures.update({f"k-NN top-1 (k={k})": float(value) for k, value in top1.items()})
 
     linear_dir = runs / "linear"
-    linear = check.step(part, "linear", [sys.executable, "eval_linear.py", "--pretrained_weights", checkpoint,
+    linear = check.step(part, "linear", [check.python, "eval_linear.py", "--pretrained_weights", checkpoint,
                                          "--data_path", data, *EVAL_SIZE_FLAGS, "--epochs", "1", *workers,
-                                         "--output_dir", linear_dir], STEP_LIMITS_S["linear"])
+                                         "--output_dir", linear_dir], check.limit(part, "linear"))
     if part.succeeded(linear, "eval_linear.py"):
         records = TrainingLog.read(linear_dir).records
         if part.expect(bool(records) and "best_acc" in records[-1], "eval_linear.py logged no accuracy"):
             part.figures["linear top-1 (1 epoch)"] = round(records[-1]["best_acc"], 1)
 
     viz_dir = runs / "visualize"
-    viz = check.step(part, "visualize", [sys.executable, "visualize_sparo.py", "--pretrained_weights", checkpoint,
+    viz = check.step(part, "visualize", [check.python, "visualize_sparo.py", "--pretrained_weights", checkpoint,
                                          "--images", data / "val", "--max_images", "3", "--image_size",
                                          str(IMAGE_SIDE), "--device", check.plan.device, "--output_dir", viz_dir],
-                     STEP_LIMITS_S["visualize"])
+                     check.limit(part, "visualize"))
     if part.succeeded(viz, "visualize_sparo.py"):
         missing = [name for name in ("slots.png", "heads.png") if not (viz_dir / name).exists()]
         if part.expect(not missing, f"visualize_sparo.py wrote no {', '.join(missing)}"):
@@ -140,8 +142,8 @@ def summarise(figures: dict[str, Any], labels: tuple[str, str]) -> str:
 
 def check_end_to_end(check: Check, part: Part) -> None:
     data, runs = check.work_dir / "classes", check.work_dir / "runs"
-    images = check.step(part, "images", module_command("images", "classes", data, *check.plan.images_per_class),
-                        STEP_LIMITS_S["images"])
+    images = check.step(part, "images", check.module_command("images", "classes", data,
+                                                             *check.plan.images_per_class), check.limit(part, "images"))
     if not part.succeeded(images, "generating the image set"):
         return
     first, second = check.plan.precisions
@@ -151,7 +153,7 @@ def check_end_to_end(check: Check, part: Part) -> None:
                                    preempted_dir, first, labels[0])
     straight_dir = runs / "pretrain_straight"
     straight = check.step(part, f"pretrain_{second}", pretrain_command(check, data / "train", straight_dir, second),
-                          STEP_LIMITS_S["pretrain"])
+                          check.limit(part, "pretrain"), env=TORCHRUN_ENV)
     if part.succeeded(straight, f"{labels[1]}: main_dino.py"):
         record_training(check, part, straight_dir, second, labels[1])
 

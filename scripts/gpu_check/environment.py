@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .plan import STEP_LIMITS_S
 from .report import Part
-from .supervisor import Check, module_command
+from .supervisor import Check
 
 
 def headline(info: dict[str, Any]) -> str:
@@ -23,7 +22,7 @@ def headline(info: dict[str, Any]) -> str:
 
 
 def check_environment(check: Check, part: Part) -> None:
-    step = check.step(part, "environment", module_command("probe", "machine"), STEP_LIMITS_S["environment"])
+    step = check.step(part, "environment", check.module_command("probe", "machine"), check.limit(part, "environment"))
     if not part.succeeded(step, "the environment probe (importing torch, querying the device)"):
         return
     info = json.loads(step.output.strip().splitlines()[-1])

@@ -1,14 +1,15 @@
-"""What each mode of the check runs: time limits, sizes, precisions and the commands' flags."""
+"""What each mode of the check runs: time limits, sizes, precisions and the commands' flags.
+
+Time: the parts' caps add up to the window every command but torch.compile must end within; torch.compile, last,
+gets the reserve after it and whatever the parts left unused. A command's own limit is also cut to what is left of
+its part. The GPU plan's whole check fits 7 minutes, so that on a device lent for 15 minutes, its start-up
+included, a rerun of a failed part (``--parts``) still fits.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dino_sparo.utils.machine import usable_cores
-
-# Time limits of single commands (seconds); each is also cut to what is left of its part and of the check.
-STEP_LIMITS_S = {"environment": 60, "pytest": 100, "images": 30, "pretrain": 60, "checkpoint": 30, "knn": 40,
-                 "linear": 40, "visualize": 40, "photos": 30, "pretrain_speed": 110, "loader": 45,
-                 "train_bench": 170}
+from benchmarks.machine import usable_cores
 
 # The small pretraining recipe of part 3 (about 15 iterations per epoch on the GPU image set).
 PRETRAIN_FLAGS = ("--arch", "vit_tiny", "--patch_size", "8", "--depth", "4", "--out_dim", "1024",
@@ -17,6 +18,7 @@ PRETRAIN_FLAGS = ("--arch", "vit_tiny", "--patch_size", "8", "--depth", "4", "--
                   "--epochs", "3", "--warmup_epochs", "1", "--saveckp_freq", "0", "--log_freq", "2")
 EVAL_SIZE_FLAGS = ("--resize_size", "36", "--crop_size", "32")
 IMAGE_SIDE = 64  # of the generated class images of part 3
+PART_KEYS = ("environment", "cuda_tests", "end_to_end", "pretraining_speed", "throughput")
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,9 @@ class Plan:
     """What one mode of the check runs: time limits (seconds), sizes and precisions."""
 
     mode: str
-    total_limit_s: float
-    compile_reserve_s: float  # the end of the check kept for torch.compile: every other command ends before it
-    compile_limit_s: float  # torch.compile's own limit: its reserve and what the other commands left unused
-    part_limits_s: dict[str, float]
+    part_limits_s: dict[str, float]  # each part's cap, in the order of PART_KEYS
+    compile_reserve_s: float  # the end of the check kept for torch.compile, after every other command
+    step_limits_s: dict[str, dict[str, float]]  # part -> command -> its own limit (never above the part's cap)
     images_per_class: tuple[int, int]  # train, val
     precisions: tuple[str, str]  # the run stopped by SIGTERM and resumed, the straight run
     device: str
@@ -51,6 +52,12 @@ class Plan:
     loader_flags: tuple[str, ...]
     notes: tuple[str, ...] = ()
 
+    def total_limit_s(self, parts: tuple[str, ...] = PART_KEYS) -> float:
+        """The longest the check of ``parts`` may take: their caps, and the compile reserve with the throughput
+        part."""
+        return sum(self.part_limits_s[key] for key in parts) + \
+            (self.compile_reserve_s if "throughput" in parts else 0.0)
+
 
 def _workers_beside_training() -> int:
     """DataLoader workers for one training process: every usable core but the one it runs on."""
@@ -58,17 +65,20 @@ def _workers_beside_training() -> int:
 
 
 def gpu_plan() -> Plan:
-    # Measured on an H200 (16 cores) by an earlier version: environment 4 s, CUDA tests 15 s (one test ran), end to
-    # end 84 s, throughput without torch.compile 94 s. Expected now: 5 + 40 + 90 + 85 (pretraining speed: 70 s of
-    # training) + 110 = 330 s of the 480 - 120 = 360 s that every command but torch.compile must end within; the
-    # compilation gets its 120 s and whatever the others left, and the whole check ends by 480 s (540 s allowed).
+    # Expected on one H200 with 16 cores (an earlier version measured environment 4 s, end to end 84 s, throughput
+    # without torch.compile 94 s): environment 5 s; CUDA tests 30 s (only the test modules that mark tests cuda
+    # are collected); end to end 80 s; pretraining speed 60 s (SIGTERM after 45 s); throughput 75 s; then
+    # torch.compile of SPARO, three graphs (global and local crops, the teacher), in its 90 s and what is left.
     return Plan(
         mode="GPU",
-        total_limit_s=480,
-        compile_reserve_s=120,
-        compile_limit_s=240,
-        part_limits_s={"environment": 30, "cuda_tests": 100, "end_to_end": 150, "pretraining_speed": 120,
-                       "throughput": 200},
+        part_limits_s={"environment": 15, "cuda_tests": 60, "end_to_end": 100, "pretraining_speed": 75,
+                       "throughput": 80},
+        compile_reserve_s=90,
+        step_limits_s={"environment": {"environment": 15}, "cuda_tests": {"pytest": 60},
+                       "end_to_end": {"images": 20, "pretrain": 35, "checkpoint": 15, "knn": 25, "linear": 25,
+                                      "visualize": 20},
+                       "pretraining_speed": {"photos": 20, "main_dino": 70},
+                       "throughput": {"loader": 25, "train_bench": 75}},
         images_per_class=(40, 10),
         precisions=("bf16", "fp16"),
         device="cuda",
@@ -79,15 +89,15 @@ def gpu_plan() -> Plan:
                    "--local_crops_number", "8", "--global_crop_size", "224", "--local_crop_size", "96",
                    "--warmup_epochs", "1", "--saveckp_freq", "0", "--viz_freq", "0", "--log_freq", "50",
                    "--device", "cuda", "--num_workers", str(_workers_beside_training())),
-            # 200 iterations per epoch: about 15 s at the step's 900 img/s, so several epochs fit and the first
+            # 200 iterations per epoch: 6-14 s at 900-2000 img/s, so that several epochs fit and the first
             # (worker start, cuDNN autotuning) can be told apart.
-            distinct_photos=256, images=12800, epochs=4, stop_after_s=70),
+            distinct_photos=256, images=12800, epochs=4, stop_after_s=45),
         train_bench_shape=("--arch", "vit_small", "--batch_size", "64", "--local_crops_number", "8", "--out_dim",
                            "65536", "--precision", "bf16", "--steps", "5", "--warmup", "2"),
         train_bench_flags=("--readout", "cls", "sparo"),
         # torch.compile for SPARO only: compiling CLS too does not fit the time limit.
         compile_bench_flags=("--readout", "sparo", "--baseline", "false", "--compile"),
-        loader_flags=("--loader_workers", str(usable_cores()), "--loader_images", "1024"),
+        loader_flags=("--loader_workers", str(usable_cores()), "--loader_images", "512"),
         notes=("torch.compile is timed for SPARO only, last, in the time reserved for it: compiling CLS too does "
                "not fit the time limit.",),
     )
@@ -96,12 +106,15 @@ def gpu_plan() -> Plan:
 def dry_run_plan() -> Plan:
     return Plan(
         mode="dry run (CPU)",
-        total_limit_s=270,
+        part_limits_s={"environment": 30, "cuda_tests": 40, "end_to_end": 130, "pretraining_speed": 50,
+                       "throughput": 70},
         # Too little to compile on two cores: it is the path of a compilation running over its time that is tried.
         compile_reserve_s=15,
-        compile_limit_s=15,
-        part_limits_s={"environment": 60, "cuda_tests": 60, "end_to_end": 150, "pretraining_speed": 60,
-                       "throughput": 90},
+        step_limits_s={"environment": {"environment": 30}, "cuda_tests": {"pytest": 40},
+                       "end_to_end": {"images": 20, "pretrain": 45, "checkpoint": 20, "knn": 30, "linear": 30,
+                                      "visualize": 30},
+                       "pretraining_speed": {"photos": 20, "main_dino": 45},
+                       "throughput": {"loader": 25, "train_bench": 45}},
         images_per_class=(16, 4),
         precisions=("fp32", "fp32"),
         device="cpu",
@@ -112,7 +125,7 @@ def dry_run_plan() -> Plan:
                    "--local_crops_number", "2", "--global_crop_size", "32", "--local_crop_size", "16",
                    "--warmup_epochs", "1", "--saveckp_freq", "0", "--viz_freq", "0", "--log_freq", "4",
                    "--device", "cpu", "--num_workers", str(_workers_beside_training())),
-            distinct_photos=8, images=32, epochs=2, stop_after_s=45),
+            distinct_photos=8, images=32, epochs=2, stop_after_s=30),
         train_bench_shape=("--arch", "vit_tiny", "--depth", "2", "--batch_size", "2", "--local_crops_number", "2",
                            "--out_dim", "256", "--global_crop_size", "32", "--local_crop_size", "16", "--precision",
                            "fp32", "--steps", "1", "--warmup", "0", "--device", "cpu"),

@@ -1,7 +1,7 @@
 """Probes that need torch, run by the check as subprocesses (``python -m gpu_check.probe WHAT ...``), each printing
 one JSON line as its last output:
 
-    machine                 the machine, torch's build, the GPU and its math settings (dino_sparo.utils.machine)
+    machine                 the machine, torch's build, the GPU and its math settings (benchmarks.machine)
     checkpoint PATH         where a main_dino.py checkpoint stands: {"epoch": E, "iteration": I}
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from dino_sparo.utils.machine import describe_machine
+from benchmarks.machine import describe_machine
 
 
 def checkpoint_position(path: str) -> dict[str, int]:

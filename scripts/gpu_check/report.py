@@ -1,5 +1,6 @@
 """What the check found: parts made of steps (the commands), each with a status, figures and problems, and the
-report rendered from them as JSON and Markdown, both rewritten atomically whenever something changes."""
+report rendered from them as JSON and Markdown, both rewritten atomically whenever something changes. A part left
+out by ``--parts`` is listed as not selected and does not count towards the result."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ from typing import Any
 from dino_sparo.utils.files import write_text_atomic
 
 TAIL_LINES = 30
-FINISHED = ("pass", "fail", "timeout", "skipped")
+NOT_SELECTED = "not selected"
+FINISHED = ("pass", "fail", "timeout", "skipped", NOT_SELECTED)
 
 
 @dataclass
@@ -21,7 +23,7 @@ class Step:
     status: str  # pass, fail, timeout or skipped
     seconds: float
     returncode: int | None
-    log: str  # relative to the report folder; empty when the command was not started
+    log: str  # its path in logs.tgz; empty when the command was not started
     output: str = ""
     informational: bool = False
 
@@ -49,7 +51,7 @@ class Part:
     proves: str
     limit_s: float
     reserved_s: float = 0.0  # the end of limit_s kept for its reserved (last, informational) command
-    status: str = "pending"  # pending, running, then one of FINISHED
+    status: str = "pending"  # pending (or not selected), running, then one of FINISHED
     seconds: float = 0.0
     headline: str = ""  # key figures in one line, for the summary table
     figures: dict[str, Any] = field(default_factory=dict)
@@ -85,9 +87,10 @@ def tail(text: str, lines: int = TAIL_LINES) -> str:
 
 
 def overall_result(parts: list[Part]) -> str:
+    """pass when every selected part passed, fail when one did not, in progress before they have all ended."""
     if not all(part.status in FINISHED for part in parts):
         return "in progress"
-    return "pass" if all(part.status == "pass" for part in parts) else "fail"
+    return "pass" if all(part.status in ("pass", NOT_SELECTED) for part in parts) else "fail"
 
 
 def _cell(value: Any) -> str:
@@ -97,8 +100,8 @@ def _cell(value: Any) -> str:
 def summary_table(payload: dict[str, Any]) -> str:
     rows = ["| part | status | time | key figures |", "|---|---|---|---|"]
     for part in payload["parts"]:
-        rows.append(f"| {part['number']}. {part['title']} | {part['status']} | "
-                    f"{part['seconds']:.0f} s of {part['limit_s']:.0f} s | {_cell(part['headline'])} |")
+        time = "" if part["status"] == NOT_SELECTED else f"{part['seconds']:.0f} s of {part['limit_s']:.0f} s"
+        rows.append(f"| {part['number']}. {part['title']} | {part['status']} | {time} | {_cell(part['headline'])} |")
     return "\n".join(rows)
 
 
@@ -109,6 +112,9 @@ def render_markdown(payload: dict[str, Any]) -> str:
              f"{payload['time_limit_s']:.0f} s; result: **{payload['result']}**",
              *(f"- {note}" for note in payload["notes"]), "", summary_table(payload)]
     for part in payload["parts"]:
+        if part["status"] == NOT_SELECTED:
+            lines += ["", f"## {part['number']}. {part['title']}: {NOT_SELECTED} (--parts)"]
+            continue
         lines += ["", f"## {part['number']}. {part['title']}: {part['status']} ({part['seconds']:.1f} s of "
                   f"{part['limit_s']:.0f} s)", "", f"Proves: {part['proves']}"]
         if part["problems"]:
@@ -119,7 +125,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
             lines += ["", "| figure | value |", "|---|---|",
                       *(f"| {_cell(name)} | {_cell(value)} |" for name, value in part["figures"].items())]
         if part["steps"]:
-            lines += ["", "| command | status | time | exit | log |", "|---|---|---|---|---|",
+            lines += ["", "| command | status | time | exit | log (in logs.tgz) |", "|---|---|---|---|---|",
                       *(f"| {s['name']}{' (information)' if s['informational'] else ''} | {s['status']} | "
                         f"{s['seconds']:.1f} s | {s['returncode']} | " + (f"`{s['log']}` |" if s["log"] else "|")
                         for s in part["steps"])]

@@ -5,12 +5,10 @@ time limit keeps the rows it finished."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .plan import STEP_LIMITS_S
 from .report import Part, Step
 from .supervisor import Check, Watch
 from .training_log import benchmark_rows
@@ -68,7 +66,10 @@ class Throughput:
         for label, row in self.steps.items():
             base = baselines.get(row["readout"]) if row["mode"] == "fast" else None
             speedup = f", {row['images_per_s'] / base['images_per_s']:.2f}x the baseline" if base else ""
-            self.part.figures[label] = f"{row['images_per_s']:.1f} img/s, peak {row['peak_mib']:.0f} MiB{speedup}"
+            skipped = row.get("skipped_steps")
+            skips = f", {skipped} timed step(s) skipped by the GradScaler" if skipped else ""
+            self.part.figures[label] = (f"{row['images_per_s']:.1f} img/s, peak {row['peak_mib']:.0f} MiB{speedup}"
+                                        f"{skips}")
         self.summarise()
 
     def summarise(self) -> None:
@@ -95,7 +96,7 @@ def benchmark(check: Check, part: Part, name: str, flags: tuple[str, ...], limit
               on_rows: Callable[[list[dict[str, Any]]], None], reserved: bool = False) -> Step:
     """``python -m benchmarks.run FLAGS --json logs/<part>_<name>.json``, its rows reported as they come."""
     path = check.logs_dir / f"{part.number}_{name}.json"
-    step = check.step(part, name, [sys.executable, "-m", "benchmarks.run", *flags, "--json", path], limit_s,
+    step = check.step(part, name, [check.python, "-m", "benchmarks.run", *flags, "--json", path], limit_s,
                       watch=new_rows(path, on_rows), reserved=reserved)
     part.succeeded(step, name)
     return step
@@ -103,14 +104,15 @@ def benchmark(check: Check, part: Part, name: str, flags: tuple[str, ...], limit
 
 def check_throughput(check: Check, part: Part) -> None:
     plan, measured = check.plan, Throughput(part)
-    benchmark(check, part, "loader", ("--bench", "loader", *plan.loader_flags), STEP_LIMITS_S["loader"],
+    benchmark(check, part, "loader", ("--bench", "loader", *plan.loader_flags), check.limit(part, "loader"),
               measured.add_loader_rows)
     benchmark(check, part, "train", ("--bench", "train", *plan.train_bench_shape, *plan.train_bench_flags),
-              STEP_LIMITS_S["train_bench"], measured.add_step_rows)
-    # Last in the whole check, in the time kept for it: running over it costs no other figure.
+              check.limit(part, "train_bench"), measured.add_step_rows)
+    # Last in the whole check, in the time kept for it and whatever the others left: running over it costs no
+    # other figure.
     compiled = benchmark(check, part, "train_compiled", ("--bench", "train", *plan.train_bench_shape,
                                                          *plan.compile_bench_flags),
-                         plan.compile_limit_s, measured.add_step_rows, reserved=True)
+                         check.time_limit_s, measured.add_step_rows, reserved=True)
     if compiled.status in ("timeout", "skipped"):
         outcome = f"no figure within {compiled.seconds:.0f} s" if compiled.status == "timeout" else "no time left"
         measured.unfinished.append(f"torch.compile: {outcome} (information)")

@@ -124,11 +124,6 @@ class Readout(nn.Module):
         None for "decayed" keeps DINO's rule (weights decayed, biases and 1-D parameters not)."""
         return 1.0, None
 
-    def reference_forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The read-out computed the straightforward way, as first written (the benchmark's baseline runs it);
-        equal to :meth:`forward` (by default it is the class's own ``forward``)."""
-        return type(self).forward(self, tokens)
-
     # ------------------------------------------------------------------------------------------- state dicts
     @classmethod
     def recognise(cls, state_dict: Mapping[str, Any]) -> bool:

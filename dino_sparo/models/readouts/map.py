@@ -59,14 +59,6 @@ class MAPReadout(Readout):
         keys, values = pool.kv(tokens).reshape(batch, count, 2, pool.num_heads, pool.head_dim).permute(2, 0, 3, 1, 4)
         return pool.q_norm(queries.transpose(1, 2)), pool.k_norm(keys), values
 
-    def reference_forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """MAP with an explicit softmax, as first written (timm's layer uses fused attention where it can)."""
-        queries, keys, values = self._heads(tokens)
-        attention = ((queries * self.pool.scale) @ keys.transpose(-2, -1)).softmax(dim=-1)
-        pooled = self.pool.proj((attention @ values).transpose(1, 2).reshape(tokens.shape[0], 1, self.embed_dim))
-        pooled = pooled + self.pool.mlp(self.pool.norm(pooled))
-        return pooled[:, 0]
-
     @classmethod
     def infer_options(cls, state_dict: Mapping[str, torch.Tensor], embed_dim: int, num_heads: int) -> dict[str, Any]:
         hidden = state_dict.get("map.pool.mlp.fc1.weight")

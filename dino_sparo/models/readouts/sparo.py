@@ -141,18 +141,6 @@ class SPARO(Readout):
     def parameter_group(cls, config: Mapping[str, Any], name: str, param: nn.Parameter) -> tuple[float, bool | None]:
         return float(config["sparo_lr_mult"]), None
 
-    def reference_forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """SPARO as first written: keys (B, L, N, H) of every token for every slot, then the weighted sum."""
-        batch, num_tokens, _ = tokens.shape
-        keys = self.key_proj(tokens).view(batch, num_tokens, self.num_slots, self.attn_dim).transpose(1, 2)
-        values = keys if self.value_proj is None else \
-            self.value_proj(tokens).view(batch, num_tokens, self.num_slots, self.attn_dim).transpose(1, 2)
-        logits = torch.einsum("blnh,lh->bln", keys, self.queries) / math.sqrt(self.attn_dim)
-        slots = self.out_proj(torch.einsum("bln,blnh->blh", logits.softmax(dim=-1), values))
-        if self.slot_norm:
-            slots = F.normalize(slots, dim=-1) * math.sqrt(1.0 / self.num_slots)
-        return slots.flatten(1)
-
     @classmethod
     def infer_options(cls, state_dict: Mapping[str, torch.Tensor], embed_dim: int, num_heads: int) -> dict[str, Any]:
         queries, out_proj = state_dict.get("sparo.queries"), state_dict.get("sparo.out_proj.weight")

@@ -1,21 +1,24 @@
-"""Running commands that can neither hang nor outlive their caller: each one in a session of its own, every wait
-with a deadline, and at the end the whole tree of processes it started killed, not only its process group
-(torchrun starts each worker in a session of its own). Linux only (the process tree is read from /proc).
-Standard library only: the GPU check imports this without torch.
+"""Running commands (for the tests, the benchmarks, the experiments and the GPU check) that can neither hang nor
+outlive their caller: each one in a session of its own, every wait with a deadline, and at the end the whole tree
+of processes it started killed, not only its process group (torchrun starts each worker in a session of its own).
+Linux only (the process tree is read from /proc). Standard library only: the GPU check imports this without torch.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 POLL_S = 0.05
 FREEZE_WAIT_S = 1.0  # how long a stopped process may take to show as stopped (one in uninterruptible sleep)
+ORPHAN_OUTPUT_S = 1.0  # how long the output of a command that has exited is read on while its pipe stays open
 KILL_WAIT_S = 10.0  # how long a killed process may take to die (a GPU context can take seconds to tear down)
 
 Command = Sequence[Any]  # program and arguments, each turned into a string (paths and numbers too)
@@ -189,6 +192,44 @@ def run_with_timeout(command: Command, timeout: float, *, cwd: str | os.PathLike
     finally:
         kill_tree(process)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def stream_output(command: Command, timeout: float, on_line: Callable[[str], None], *,
+                  cwd: str | os.PathLike | None = None, env: Mapping[str, str] | None = None
+                  ) -> tuple[int | None, list[str]]:
+    """Runs ``command`` in a session of its own and hands each line of its output (stdout and stderr merged,
+    without the newline) to ``on_line`` as soon as it is written, so that a command killed midway has shown all
+    it printed. Returns (exit status, or None when ``timeout`` seconds passed first; its lines); everything it
+    started is killed on return."""
+    lines: list[str] = []
+    output: queue.Queue[str | None] = queue.Queue()
+    with supervised(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    text=True) as process:
+        def read() -> None:
+            for line in process.stdout:
+                output.put(line)
+            output.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline, exited_at = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            try:
+                line = output.get(timeout=POLL_S)
+            except queue.Empty:
+                if process.poll() is not None:
+                    exited_at = exited_at or time.monotonic()
+                    if time.monotonic() - exited_at > ORPHAN_OUTPUT_S:  # a process it left keeps the pipe open
+                        break
+                continue
+            if line is None:
+                break
+            lines.append(line.rstrip("\n"))
+            on_line(lines[-1])
+        try:  # its output has ended, or the time is up: at most what is left of the time for it to exit
+            returncode = process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            returncode = None
+    return returncode, lines
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, process: subprocess.Popen | None = None,
