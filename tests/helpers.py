@@ -112,14 +112,17 @@ FAULTS = os.path.join(ROOT, "tests", "faults")
 
 
 def environment(fault: str | None = None, fault_rank: int | None = None, fault_once: str | None = None,
-                **extra: str) -> dict[str, str]:
+                compile_backend: str | None = None, **extra: str) -> dict[str, str]:
     """The environment of a script run by a test: the repository importable, no launcher variables of the
-    test's own process, and with ``fault`` the injection of ``tests/faults/sitecustomize.py`` armed."""
+    test's own process, and with ``fault`` (or ``compile_backend``) the hooks of ``tests/faults/sitecustomize.py``
+    armed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **extra}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DINO_SPARO_FAULT",
-                 "DINO_SPARO_FAULT_RANK", "DINO_SPARO_FAULT_ONCE"):
+                 "DINO_SPARO_FAULT_RANK", "DINO_SPARO_FAULT_ONCE", "DINO_SPARO_COMPILE_BACKEND"):
         if name not in extra:
             env.pop(name, None)
+    if compile_backend:
+        env.update(PYTHONPATH=os.pathsep.join([FAULTS, ROOT]), DINO_SPARO_COMPILE_BACKEND=compile_backend)
     if fault:
         env.update(PYTHONPATH=os.pathsep.join([FAULTS, ROOT]), DINO_SPARO_FAULT=fault)
         if fault_rank is not None:
@@ -127,7 +130,6 @@ def environment(fault: str | None = None, fault_rank: int | None = None, fault_o
         if fault_once:
             env["DINO_SPARO_FAULT_ONCE"] = fault_once
     return env
-
 
 
 def run(command: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -50,13 +50,15 @@ def test_two_processes_gloo_keep_identical_teachers(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_gloo_train_save_and_resume_with_compiled_blocks(tmp_path, inductor_cache):
-    """``--compile true`` under torchrun: each rank's compiled blocks inside DistributedDataParallel (Dynamo's DDP
-    optimiser off) train an epoch and save; the same command with one more epoch resumes from the checkpoint."""
+def test_two_processes_gloo_train_save_and_resume_with_compiled_blocks(tmp_path):
+    """``--compile`` under torchrun: each rank's compiled blocks inside DistributedDataParallel (Dynamo's DDP
+    optimiser off) train an epoch and save; the same command with one more epoch resumes from the checkpoint.
+    Dynamo and AOT autograd do what a GPU run does; only inductor's code generation, whose results
+    tests/test_compile.py compares with the eager step, is left out (the aot_eager backend)."""
     data = make_images(tmp_path / "data", count=16)
     out = tmp_path / "out"
     flags = [*TINY, "--patch_size", "8", "--precision", "fp32", "--compile", "--data_path", data, "--output_dir", out]
-    env = environment(TORCHINDUCTOR_CACHE_DIR=str(inductor_cache))
+    env = environment(compile_backend="aot_eager")
     for epochs in (1, 2):
         completed = run([*TORCHRUN, "--nproc_per_node", "2", *script("main_dino.py")[1:], *flags, "--epochs", epochs],
                         timeout=400, env=env)

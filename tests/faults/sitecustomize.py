@@ -20,6 +20,10 @@ workers, submitit jobs). Python imports this module at start-up when this folder
 ``DINO_SPARO_FAULT_RANK`` limits the fault to the process of that ``RANK``; ``DINO_SPARO_FAULT_ONCE`` names a
 marker file: the fault fires only if it does not exist yet, and creates it (so a requeued job runs clean).
 Faults at a counted step replace timers, so the tests pass the same way on a loaded machine.
+
+Besides faults, ``DINO_SPARO_COMPILE_BACKEND`` (e.g. ``aot_eager``) makes ``--compile`` use that torch.compile
+backend: a multi-process test of how compiled blocks train, save and resume is then not dominated by inductor
+generating and building C++ code in every process.
 """
 import os
 import signal
@@ -174,3 +178,9 @@ def _install_write_failure(action: str, count: int) -> None:
 
 if os.environ.get("DINO_SPARO_FAULT"):
     _install(os.environ["DINO_SPARO_FAULT"])
+if os.environ.get("DINO_SPARO_COMPILE_BACKEND"):
+    from dino_sparo.models.backbone import ReadoutBackbone
+
+    _compile_blocks = ReadoutBackbone.compile_blocks
+    ReadoutBackbone.compile_blocks = lambda self, backend=os.environ["DINO_SPARO_COMPILE_BACKEND"]: \
+        _compile_blocks(self, backend)
