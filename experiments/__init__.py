@@ -1,1 +1,3 @@
-"""Experiments run against the package (not part of it): ``python -m experiments.<name>`` from the repository root."""
+"""Experiments run against the package (not part of it): ``python -m experiments.<study>`` from the repository root.
+Each study is one module; what they share (data sets, training runs and their cache, evaluations, report cells) is
+in :mod:`experiments.base`, and no study imports another."""

@@ -4,15 +4,15 @@ concept selection made for each attribute in turn and read on all of them.
 
     python -m experiments.which_slot --out experiments/results/which_slot
 
-Data (prepared by :mod:`experiments.slot_ablation` under ``WORK/data``; training sees its ``train/`` part):
+Data (:mod:`experiments.base.data`, prepared under ``WORK/data``; training sees its ``train/`` part):
 - ``demo``: the generated shapes; attributes shape, colour, size, position (the quadrant of the object's centre,
   from the generator's x, y) and background, from the generator's ``attributes.csv``. n val = 500.
 - ``digits``: scikit-learn's real 8x8 handwritten-digit scans; attributes digit and three numbers measured on the
   8x8 scan, binned by eval_knn.py into 4 quantiles of the training images: ink (sum of the grey levels), slant
   (the ink's x-y covariance over its y variance: > 0 leans right) and width (the ink's x standard deviation).
   n val = 540.
-Every run: the demo recipe (``--demo``), on the CPU, fp32, one torch thread. Evaluation: eval_knn.py on val against
-the training part, k = 10 and 20; the selection keeps K = 4 of the 16 slots (fixed before running), chosen on a
+Every run: the demo recipe (configs/demo.yaml), on the CPU, fp32, one torch thread. Evaluation: eval_knn.py on val
+against the training part, k = 10 and 20; the selection keeps K = 4 of the 16 slots (fixed before running), chosen on a
 held-out 10 % of the training part (``--select_holdout 0.1 --seed 0``); val labels never choose anything.
 Per run: ``WORK/runs/<set>/<config>/seed<S>/`` (``--work``, default ``<cache>/which_slot``, outside the tree); a run
 with ``result.json`` is reused. Results: ``OUT/which_slot.md`` and ``.json``, and the heat maps
@@ -21,9 +21,7 @@ with ``result.json`` is reused. Results: ``OUT/which_slot.md`` and ``.json``, an
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import json
 import shutil
 import time
 from pathlib import Path
@@ -33,37 +31,26 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-import eval_knn
-import main_dino
-from benchmarks.machine import summary_line
 from dino_sparo.data.demo import default_cache_dir
 from dino_sparo.data.images import images_under
-from experiments.slot_ablation import (
-    CROP_SIZE,
-    RESIZE_SIZE,
-    Config,
-    DataSet,
-    binomial_sigma,
-    prepare_demo,
-    prepare_digits,
-    training_argv,
-)
 
-SPARO = Config("sparo", ("--readout", "sparo", "--sparo_key_init_gain", "4", "--sparo_query_init_std", "1",
-                         "--sparo_lr_mult", "1", "--sparo_weight_decay", "true", "--sparo_logit_scale", "false"),
-               "SPARO with today's defaults, stated explicitly")
-CLS = Config("cls", ("--readout", "cls"), "DINO's CLS read-out")
+from .base.data import DataSet, prepare_demo, prepare_digits
+from .base.evaluation import KNN_KS, run_eval_knn
+from .base.report import NOISE_SIGMAS, binomial_sigma, cell, noise_mark, study_command, write_report
+from .base.runs import DINO_CLS, Configuration, cached_run, flag_words, training_run
+
+SPARO = Configuration("sparo", {"readout": "sparo", "sparo_key_init_gain": 4, "sparo_query_init_std": 1,
+                                "sparo_lr_mult": 1}, "SPARO with today's defaults, stated explicitly")
+CLS = Configuration("cls", DINO_CLS, "DINO's CLS read-out")
 EPOCHS = {"demo": 6, "digits": 10}
 ATTRIBUTES = {"demo": ["shape", "colour", "size", "position", "background"],
               "digits": ["digit", "ink", "slant", "width"]}
 SELECT_K = 4
-KS = ("10", "20")
-NOISE_SIGMAS = 2.0
 
 
-def demo_attributes(data_set: DataSet, work: Path) -> Path:
+def demo_attributes(data_set: DataSet) -> Path:
     """attributes.csv for ``knn_val/`` (paths train/..., val/...), from the generator's own table."""
-    with open(work / "data" / "demo_generated" / "attributes.csv", newline="") as handle:
+    with open(data_set.source / "attributes.csv", newline="") as handle:
         source = {Path(row["path"]).name: row for row in csv.DictReader(handle)}
     path = data_set.root / "attributes.csv"
     with open(path, "w", newline="") as handle:
@@ -106,51 +93,41 @@ def digits_attributes(data_set: DataSet) -> Path:
     return path
 
 
-def evaluate(checkpoint: Path, data_set: DataSet, table: Path, columns: list[str], output: Path,
-             *extra: str) -> dict[str, Any]:
-    argv = ["--pretrained_weights", str(checkpoint), "--data_path", str(data_set.root / "knn_val"),
-            "--resize_size", str(RESIZE_SIZE), "--crop_size", str(CROP_SIZE), "--nb_knn", *KS, "--num_workers", "0",
-            "--use_cuda", "false", "--attributes", str(table), "--attribute_columns", ",".join(columns),
-            "--output_dir", str(output), *extra]
-    output.mkdir(parents=True, exist_ok=True)
-    return eval_knn.main(argv)
+def evaluate(checkpoint: Path, data_set: DataSet, table: Path, output: Path, per_slot: bool = False,
+             **flags: Any) -> dict[str, Any]:
+    """eval_knn.py on val against the training part, with the set's attributes as label sets."""
+    return run_eval_knn(checkpoint, data_set.root / "knn_val", output, per_slot, {
+        "attributes": table, "attribute_columns": ",".join(ATTRIBUTES[data_set.name]), **flags})
 
 
-def run(data_set: DataSet, table: Path, config: Config, seed: int, work: Path) -> dict[str, Any]:
+def run(data_set: DataSet, table: Path, config: Configuration, seed: int, work: Path) -> dict[str, Any]:
+    """Trains ``config`` and reads its attributes: whole encodings and, for SPARO, the slot x attribute matrix
+    (with the CLS run of the seed as a row) and the selection made for each attribute."""
     run_dir = work / "runs" / data_set.name / config.name / f"seed{seed}"
-    if (run_dir / "result.json").is_file():
-        return json.loads((run_dir / "result.json").read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    argv = training_argv(data_set, config, seed, run_dir)
-    columns = ATTRIBUTES[data_set.name]
-    record: dict[str, Any] = {"config": config.name, "seed": seed, "command": "python main_dino.py " + " ".join(argv)}
-    started = time.perf_counter()
-    with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        main_dino.main(argv)
-        record["train_seconds"] = time.perf_counter() - started
-        checkpoint, features = run_dir / "checkpoint.pth", run_dir / "features"
-        plain = evaluate(checkpoint, data_set, table, columns, run_dir / "eval", "--dump_features", str(features))
-        record["attributes"] = plain["attributes"]
-        if config is SPARO:
+
+    def measure() -> dict[str, Any]:
+        training = training_run(data_set, run_dir, seed, EPOCHS[data_set.name], config.flags)
+        started = time.perf_counter()
+        record: dict[str, Any] = {"config": config.name, "seed": seed, **training.train()}
+        checkpoint, features = training.checkpoint, run_dir / "features"
+        record["attributes"] = evaluate(checkpoint, data_set, table, run_dir / "eval",
+                                        dump_features=features)["attributes"]
+        if config.name == SPARO.name:
             cls_checkpoint = work / "runs" / data_set.name / CLS.name / f"seed{seed}" / "checkpoint.pth"
-            reuse = ("--load_features", str(features))
-            for k in KS:
-                record[f"matrix_k{k}"] = evaluate(checkpoint, data_set, table, columns, run_dir / f"matrix_k{k}",
-                                                  *reuse, "--per_slot", "--slot_knn", k, "--compare_weights",
-                                                  str(cls_checkpoint))["slot_attributes"]
+            for k in KNN_KS:
+                record[f"matrix_k{k}"] = evaluate(checkpoint, data_set, table, run_dir / f"matrix_k{k}", True,
+                                                  load_features=features, slot_knn=k,
+                                                  compare_weights=cls_checkpoint)["slot_attributes"]
             record["selection"] = {
-                target: evaluate(checkpoint, data_set, table, columns, run_dir / "selection", *reuse,
-                                 "--select_slots", str(SELECT_K), "--select_for", target, "--slot_knn", "20",
-                                 "--select_holdout", "0.1", "--seed", "0")["selection_for"]
-                for target in columns}
-    record["seconds"] = time.perf_counter() - started
-    shutil.rmtree(features, ignore_errors=True)
-    (run_dir / "result.json").write_text(json.dumps(record, indent=1))
-    return record
+                target: evaluate(checkpoint, data_set, table, run_dir / "selection", load_features=features,
+                                 select_slots=SELECT_K, select_for=target, slot_knn=20, select_holdout=0.1,
+                                 seed=0)["selection_for"]
+                for target in ATTRIBUTES[data_set.name]}
+        record["seconds"] = time.perf_counter() - started
+        shutil.rmtree(features, ignore_errors=True)
+        return record
 
-
-def cell(values: list[float], digits: int = 1, sign: str = "") -> str:
-    return f"{np.mean(values):{sign}.{digits}f} ({' / '.join(f'{v:{sign}.{digits}f}' for v in values)})"
+    return cached_run(run_dir, measure)
 
 
 def report(name: str, records: dict[str, list[dict[str, Any]]]) -> str:
@@ -161,7 +138,7 @@ def report(name: str, records: dict[str, list[dict[str, Any]]]) -> str:
              "Whole encodings, val top-1 per attribute, and chance (the most frequent val label):", "",
              "| attribute | chance | k | SPARO all slots | CLS | binomial std |", "|---|---|---|---|---|---|"]
     for column in columns:
-        for k in KS:
+        for k in KNN_KS:
             s = [r["attributes"][column]["knn"][k]["top1"] for r in sparo]
             c = [r["attributes"][column]["knn"][k]["top1"] for r in cls]
             lines.append(f"| {column} | {sparo[0]['attributes'][column]['chance']:.1f} | {k} | {cell(s)} | "
@@ -169,7 +146,7 @@ def report(name: str, records: dict[str, list[dict[str, Any]]]) -> str:
     lines += ["", "Specialisation: best single slot minus median slot (points), and the mean rank correlation "
               "between attributes across slots:", "",
               "| k | " + " | ".join(columns) + " | mean rank corr. |", "|---|" + "---|" * (len(columns) + 1)]
-    for k in KS:
+    for k in KNN_KS:
         spec = [" | ".join(cell([r[f"matrix_k{k}"]["specialisation"][c] for r in sparo]) for c in columns)]
         corr = [r[f"matrix_k{k}"]["mean_rank_correlation"] for r in sparo]
         lines.append(f"| {k} | {spec[0]} | {cell(corr, 2)} |")
@@ -178,15 +155,13 @@ def report(name: str, records: dict[str, list[dict[str, Any]]]) -> str:
               f"binomial stds of the all-slot accuracy.", "",
               "| selected for | k | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for target in columns:
-        for k in KS:
+        for k in KNN_KS:
             cells = []
             for column in columns:
                 deltas = [r["selection"][target]["per_attribute"][column]["selected"][k]
                           - r["selection"][target]["per_attribute"][column]["all_slots"][k] for r in sparo]
                 every = np.mean([r["selection"][target]["per_attribute"][column]["all_slots"][k] for r in sparo])
-                mark = "↑" if np.mean(deltas) > NOISE_SIGMAS * binomial_sigma(every, n) else (
-                    "↓" if np.mean(deltas) < -NOISE_SIGMAS * binomial_sigma(every, n) else "")
-                cells.append(cell(deltas, sign="+") + (f" {mark}" if mark else ""))
+                cells.append(cell(deltas, sign="+") + noise_mark(float(np.mean(deltas)), binomial_sigma(every, n)))
             lines.append(f"| {target} | {k} | " + " | ".join(cells) + " |")
     chosen = "; ".join(f"{t}: " + " / ".join(",".join(map(str, r["selection"][t]["selected"])) for r in sparo)
                        for t in columns)
@@ -196,7 +171,7 @@ def report(name: str, records: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("experiments/results/which_slot"))
     parser.add_argument("--work", type=Path, default=Path(default_cache_dir()) / "which_slot",
@@ -206,9 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    demo = prepare_demo(args.work / "data", EPOCHS["demo"])
-    digits = prepare_digits(args.work / "data", EPOCHS["digits"])
-    tables = {"demo": demo_attributes(demo, args.work), "digits": digits_attributes(digits)}
+    demo, digits = prepare_demo(args.work / "data"), prepare_digits(args.work / "data")
+    tables = {"demo": demo_attributes(demo), "digits": digits_attributes(digits)}
     results, sections = {}, []
     for data_set in (demo, digits):
         records = {config.name: [run(data_set, tables[data_set.name], config, seed, args.work) for seed in args.seeds]
@@ -218,14 +192,12 @@ def main(argv: list[str] | None = None) -> None:
                             / "knn_slot_attributes.png", args.out / f"{data_set.name}_seed{seed}_k20.png")
         results[data_set.name] = records
         sections.append(report(data_set.name, records))
-    text = "\n\n".join(sections) + (
-        f"\n\nConfigurations: `sparo` = `{' '.join(SPARO.flags)}`; `cls` = `{' '.join(CLS.flags)}`; both with "
-        f"`--demo`, {EPOCHS['demo']} epochs (demo) / {EPOCHS['digits']} (digits), seeds {args.seeds}.\n"
-        f"Machine: {summary_line()}; "
-        f"{time.perf_counter() - started:.0f} s in total.")
-    print(text)
-    (args.out / "which_slot.md").write_text(text + "\n")
-    (args.out / "which_slot.json").write_text(json.dumps(results, indent=1))
+    configurations = (f"Configurations: `sparo` = `{' '.join(flag_words(SPARO.flags))}`; `cls` = "
+                      f"`{' '.join(flag_words(CLS.flags))}`; both with the demo recipe (`--config demo`), "
+                      f"{EPOCHS['demo']} epochs (demo) / {EPOCHS['digits']} (digits), seeds {args.seeds}.")
+    return write_report(args.out, "which_slot", "\n\n".join([*sections, configurations]),
+                        {"seeds": args.seeds, "sets": results}, study_command("which_slot", argv),
+                        time.perf_counter() - started)
 
 
 if __name__ == "__main__":
