@@ -12,7 +12,8 @@ from helpers import balanced, make_image_folder, one_line_error, spread, write_m
 import eval_linear
 from dino_sparo.errors import run_cli
 from dino_sparo.eval import linear
-from dino_sparo.eval.linear import LinearClassifier, ProbeFeatures
+from dino_sparo.eval.probe_heads import LinearClassifier
+from dino_sparo.eval.probe_inputs import ProbeFeatures
 from dino_sparo.models import vit_tiny
 
 run_error = partial(one_line_error, eval_linear.main)  # its one-line error, after checking status 2
