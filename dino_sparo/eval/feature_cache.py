@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -62,7 +62,3 @@ def cached_inputs(path: str, key: dict[str, Any], extract: Callable[[], tuple[li
         log(f"probe inputs of {len(labels)} images extracted and cached in {path}", flush=True)
     return features, labels
 
-
-def sizes(features: Sequence[torch.Tensor]) -> str:
-    """``120 x 197 x 192`` for one tensor, several joined by ``; ``."""
-    return "; ".join(" x ".join(map(str, f.shape)) for f in features)

@@ -3,7 +3,7 @@ feature sets), their accuracies, and the choice among them on held-out training 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,3 @@ def choose(holdout: Sequence[Scores]) -> int:
     """The head with the best held-out top-1; among equals, the lowest held-out loss, then the first."""
     return min(range(len(holdout)), key=lambda i: (-holdout[i].acc1, holdout[i].loss, i))
 
-
-def scores_json(scores: Scores) -> dict[str, float]:
-    return asdict(scores)
