@@ -24,9 +24,8 @@ from ..models.config import build_pretrained_backbone
 from ..utils.files import append_json_line
 from .flags import check_eval_args
 from .probe_heads import LinearClassifier
-from .probe_inputs import ProbeFeatures, check_feature_set, default_feature_set
+from .probe_inputs import ProbeFeatures, build_probe_inputs
 from .probe_train import run_probe_grid
-from .slots import check_slots, slot_layout
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 
@@ -175,14 +174,9 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any
 
 
 def _probe_features(args: argparse.Namespace, backbone: ReadoutBackbone) -> ProbeFeatures:
-    feature_set = default_feature_set(backbone, args.n_last_blocks, args.avgpool_patchtokens)
-    check_feature_set(feature_set, backbone)
-    slots = check_slots(args.slots, slot_layout(backbone, "--slots")[0]) if args.slots else None
-    features = ProbeFeatures(backbone, feature_set.n_last_blocks, feature_set.avgpool_patchtokens, slots)
-    if features.feature_dim == 0:
-        raise UserError(f"--n_last_blocks 0 leaves the {backbone.readout.upper()} read-out without features: "
-                        f"use >= 1")
-    return features
+    """The one feature set of ``--n_last_blocks`` and ``--avgpool_patchtokens`` (``--feature_sets`` is refused
+    beside ``--lr``)."""
+    return build_probe_inputs(args, backbone).sets[0]
 
 
 def train_one_epoch(features: ProbeFeatures, classifier: nn.Module, optimizer: torch.optim.Optimizer,

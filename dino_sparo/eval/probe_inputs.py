@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.backbone import ReadoutBackbone
+from .slots import check_slots, slot_layout
 
 
 class ProbeFeatures(nn.Module):
@@ -154,3 +155,17 @@ class ProbeTokens(nn.Module):
         prefix = self.backbone.num_prefix_tokens
         kept = ([tokens[:, :1]] if self.cls else []) + ([tokens[:, 1:prefix]] if self.registers else [])
         return [torch.cat(kept + [tokens[:, prefix:]], dim=1).float()]
+
+
+def build_probe_inputs(args: argparse.Namespace, backbone: ReadoutBackbone) -> LinearInputs | ProbeTokens:
+    """The frozen inputs ``--probe`` reads: the linear probe's feature sets, or the tokens."""
+    if args.probe != "linear":
+        return ProbeTokens(backbone, cls=args.probe_cls is not False, registers=bool(args.probe_registers))
+    sets = args.feature_sets or [default_feature_set(backbone, args.n_last_blocks, args.avgpool_patchtokens)]
+    for feature_set in sets:
+        check_feature_set(feature_set, backbone)
+    slots = check_slots(args.slots, slot_layout(backbone, "--slots")[0]) if args.slots else None
+    inputs = LinearInputs(backbone, sets, slots)
+    if 0 in inputs.dims:
+        raise UserError(f"--n_last_blocks 0 leaves the {backbone.readout.upper()} read-out without features: use >= 1")
+    return inputs

@@ -9,6 +9,7 @@ import copy
 import json
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,11 +18,10 @@ from torch.utils.data import Subset
 
 from .. import distributed
 from ..checkpoint import read_checkpoint, restore_state, save_atomic
-from ..data.datasets import labelled_splits, ordered_loader, shard
+from ..data.datasets import ImageDataset, labelled_splits, ordered_loader, shard
 from ..data.transforms import eval_transform, linear_train_transform
 from ..distributed import DistributedContext
 from ..errors import UserError
-from ..models.backbone import ReadoutBackbone
 from ..models.config import build_pretrained_backbone
 from ..utils.files import append_json_line, write_json_atomic
 from .feature_cache import cached_inputs, extract_inputs, image_set_digest
@@ -30,9 +30,8 @@ from .holdout import holdout_size, split_holdout
 from .probe_batches import Batch, CachedBatches, ImageBatches
 from .probe_grid import GridPoint, GridScores, ProbeGrid, Scores, choose, grid_loss
 from .probe_heads import build_head
-from .probe_inputs import LinearInputs, ProbeTokens, check_feature_set, default_feature_set
+from .probe_inputs import LinearInputs, ProbeTokens, build_probe_inputs
 from .probe_recipes import RECIPES, Recipe, build_optimizer, default_recipe, lr_factor
-from .slots import check_slots, slot_layout
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 RESULTS_NAME = "probe_results.json"
@@ -42,29 +41,92 @@ DEFAULT_VAL_SPLIT = 0.1
 HEAD_SETTINGS = ("probe", "inputs", "learning_rates", "num_labels", "probe_queries", "probe_heads")
 
 
-def probe_inputs(args: argparse.Namespace, backbone: ReadoutBackbone) -> LinearInputs | ProbeTokens:
-    """The frozen inputs ``--probe`` reads: the linear probe's feature sets, or the tokens."""
-    if args.probe != "linear":
-        return ProbeTokens(backbone, cls=args.probe_cls is not False, registers=bool(args.probe_registers))
-    sets = args.feature_sets or [default_feature_set(backbone, args.n_last_blocks, args.avgpool_patchtokens)]
-    for feature_set in sets:
-        check_feature_set(feature_set, backbone)
-    slots = check_slots(args.slots, slot_layout(backbone, "--slots")[0]) if args.slots else None
-    inputs = LinearInputs(backbone, sets, slots)
-    for feature_set, dim in zip(sets, inputs.dims):
-        if dim == 0:
-            raise UserError(f"feature set {feature_set} leaves the {backbone.readout.upper()} read-out without "
-                            f"features: use >= 1 block")
-    return inputs
+@dataclass
+class GridRun:
+    """What a probe-grid run trains, on what, and how (see :func:`run_probe_grid`)."""
+    inputs: LinearInputs | ProbeTokens
+    config: dict[str, Any]
+    recipe: Recipe
+    epochs: int
+    warmup: int
+    train_all: ImageDataset  # train/ through the training view
+    val_set: ImageDataset
+    view: Callable  # the evaluation view
+    points: list[GridPoint]
+    grid: ProbeGrid
+    optimizer: torch.optim.Optimizer
+    lr_scale: float  # total batch / 256, DINO's linear scaling of the learning rates
+    settings: dict[str, Any]  # saved with the checkpoint; a resumed run must have the same
 
 
 def run_probe_grid(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any]:
     """Trains (or with ``--evaluate`` validates) the grid ``args`` describe; returns the results on every rank."""
     log: Callable[..., None] = print if context.is_main else (lambda *a, **k: None)
+    run = _build(args, context)
+    if args.evaluate:
+        return _evaluate(args, context, run, log)
+    train_set, evaluation_sets = _split(args, run)
+    holdout = run.settings["holdout"]
+    log(f"{args.probe} probe on {'; '.join(run.inputs.describe())}: {len(run.points)} classifier(s) "
+        f"({len(run.inputs.dims)} input set(s) x {len(run.settings['learning_rates'])} learning rate(s)), recipe "
+        f"{run.recipe.name} ({run.recipe.optimizer}, {run.epochs} epochs, {run.warmup} warm-up); {len(train_set)} "
+        f"train, {holdout['images']} held-out (--val_split {holdout['val_split']:g}, seed {args.seed}) and "
+        f"{len(run.val_set)} val images, {run.settings['num_labels']} labels, {context.world_size} process(es)",
+        flush=True)
+    checkpoint_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
+    start_epoch, last = _resume(checkpoint_path, run, log)
+    if run.settings["train_augmentation"]:
+        batches = ImageBatches(run.inputs, train_set, evaluation_sets, args.batch_size_per_gpu, args.num_workers,
+                               context, args.seed)
+    else:
+        batches = _cached_batches(args, context, run, train_set, evaluation_sets, log)
+    model = run.grid
+    if distributed.is_dist_initialized():
+        model = DistributedDataParallel(run.grid, device_ids=[context.device.index]
+                                        if context.device.type == "cuda" else None)
+    history = []
+    for epoch in range(start_epoch, run.epochs):
+        # Augmentations depend on (epoch, rank) only, so a resumed run repeats the uninterrupted one.
+        torch.manual_seed(args.seed + epoch * context.world_size + context.rank)
+        record: dict[str, Any] = {
+            "epoch": epoch, "lr_factor": lr_factor(epoch, run.epochs, run.warmup),
+            "train_loss": train_epoch(model, run.grid, run.optimizer, batches, epoch, run.recipe, run.epochs,
+                                      run.warmup)}
+        message = f"epoch {epoch + 1}/{run.epochs}: train loss {record['train_loss']:.4f} (mean over the grid)"
+        if epoch % args.val_freq == 0 or epoch == run.epochs - 1:
+            last = {name: score(run.grid, batches.evaluation(name)) for name in evaluation_sets}
+            chosen = choose(last["holdout"]) if "holdout" in last else 0
+            # best_acc: under DINO's log.txt key, the val top-1 this run reports (of the head chosen on held-out
+            # images), so that tools reading DINO's log find the probe's result.
+            record.update(grid=_grid_rows(run.points, last, run.lr_scale), chosen=chosen,
+                          chosen_lr=run.points[chosen].lr, best_acc=last["val"][chosen].acc1)
+            message += f"; chosen on held-out: lr {run.points[chosen].lr:g}" + (
+                f" (input set {run.points[chosen].inputs})" if len(run.inputs.dims) > 1 else "") + (
+                f", val acc@1 {last['val'][chosen].acc1:.2f}")
+        history.append(record)
+        log(message, flush=True)
+        if context.is_main:
+            save_atomic({"epoch": epoch + 1, "state_dict": run.grid.state_dict(),
+                         "optimizer": run.optimizer.state_dict(), "grid": run.settings,
+                         "features": "; ".join(run.inputs.describe()), "scores": _scores_state(last),
+                         "chosen": record.get("chosen")}, checkpoint_path)
+            append_json_line(os.path.join(args.output_dir, "log.txt"), record)
+    if last is None:
+        raise UserError(f"{checkpoint_path} records no validation to report: run again with another --output_dir")
+    results = _report(run, last, log)
+    results.update(history=history, start_epoch=start_epoch)
+    if context.is_main:
+        write_json_atomic({k: v for k, v in results.items() if k != "history"},
+                          os.path.join(args.output_dir, RESULTS_NAME))
+    return results
+
+
+def _build(args: argparse.Namespace, context: DistributedContext) -> GridRun:
+    """The frozen backbone and the inputs it gives, the recipe, the data sets, and the grid with its optimiser."""
     backbone, config = build_pretrained_backbone(args.pretrained_weights, args.checkpoint_key, args,
                                                  log=print if context.is_main else None)
     check_eval_args(args, config)
-    inputs = probe_inputs(args, backbone).to(context.device)
+    inputs = build_probe_inputs(args, backbone).to(context.device)
     recipe = RECIPES[args.recipe or default_recipe(args.probe)]
     epochs = args.epochs or recipe.epochs
     warmup = recipe.warmup_epochs(epochs) if args.warmup_epochs is None else args.warmup_epochs
@@ -81,93 +143,48 @@ def run_probe_grid(args: argparse.Namespace, context: DistributedContext) -> dic
     points = [GridPoint(index, lr) for index in range(len(inputs.dims)) for lr in learning_rates]
     grid = ProbeGrid(lambda index: build_head(args.probe, inputs.dims[index], num_labels, args.probe_queries,
                                               args.probe_heads), points, args.seed).to(context.device)
-    lr_scale = args.batch_size_per_gpu * context.world_size / 256  # DINO's linear scaling with the total batch
+    lr_scale = args.batch_size_per_gpu * context.world_size / 256
     optimizer = build_optimizer(recipe, [{"params": list(head.parameters()), "base_lr": point.lr * lr_scale}
                                          for head, point in zip(grid.heads, points)])
     settings = {"probe": args.probe, "inputs": inputs.describe(), "learning_rates": learning_rates,
                 "num_labels": num_labels, "probe_queries": getattr(grid.heads[0], "num_queries", None),
                 "probe_heads": getattr(grid.heads[0], "num_heads", None), "recipe": recipe.name, "epochs": epochs,
                 "warmup_epochs": warmup, "train_augmentation": augment}
-    if args.evaluate:
-        return _evaluate(args, context, grid, inputs, val_set, settings, lr_scale, log)
+    return GridRun(inputs, config, recipe, epochs, warmup, train_all, val_set, view, points, grid, optimizer,
+                   lr_scale, settings)
 
+
+def _split(args: argparse.Namespace, run: GridRun) -> tuple[Subset, dict[str, Subset | ImageDataset]]:
+    """(the training images, {"val": val images, "holdout": held-out training images through the evaluation
+    view}); the held-out part is recorded in ``run.settings``."""
     val_split = DEFAULT_VAL_SPLIT if args.val_split is None else args.val_split
-    held_count = holdout_size(val_split, len(train_all))
-    if held_count == 0 and len(points) > 1:
-        raise UserError(f"--val_split 0 leaves nothing to choose the {len(points)} classifiers of the grid on: hold "
-                        f"out training images, or give one learning rate")
-    kept, held = split_holdout(len(train_all), held_count, args.seed)
-    holdout_view = train_all if not augment else copy.copy(train_all)
-    holdout_view.transform = view
-    train_set, holdout_set = Subset(train_all, kept), Subset(holdout_view, held)
-    settings["holdout"] = {"val_split": val_split, "images": held_count, "seed": args.seed,
-                           "digest": image_set_digest(holdout_set)}
-    evaluation_sets = {"val": val_set, **({"holdout": holdout_set} if held_count else {})}
-    log(f"{args.probe} probe on {'; '.join(inputs.describe())}: {len(points)} classifier(s) "
-        f"({len(inputs.dims)} input set(s) x {len(learning_rates)} learning rate(s)), recipe {recipe.name} "
-        f"({recipe.optimizer}, {epochs} epochs, {warmup} warm-up); {len(train_set)} train, {held_count} held-out "
-        f"(--val_split {val_split:g}, seed {args.seed}) and {len(val_set)} val images, {num_labels} labels, "
-        f"{context.world_size} process(es)", flush=True)
-
-    checkpoint_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
-    start_epoch, last = _resume(checkpoint_path, grid, optimizer, settings, log)
-    if augment:
-        batches = ImageBatches(inputs, train_set, evaluation_sets, args.batch_size_per_gpu, args.num_workers,
-                               context, args.seed)
-    else:
-        batches = _cached_batches(args, context, inputs, config, train_set, evaluation_sets, log)
-    model = grid
-    if distributed.is_dist_initialized():
-        model = DistributedDataParallel(grid, device_ids=[context.device.index] if context.device.type == "cuda"
-                                        else None)
-    history = []
-    for epoch in range(start_epoch, epochs):
-        # Augmentations depend on (epoch, rank) only, so a resumed run repeats the uninterrupted one.
-        torch.manual_seed(args.seed + epoch * context.world_size + context.rank)
-        train_loss = train_epoch(model, grid, optimizer, batches, epoch, recipe, epochs, warmup)
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss,
-                                  "lr_factor": lr_factor(epoch, epochs, warmup)}
-        message = f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} (mean over the grid)"
-        if epoch % args.val_freq == 0 or epoch == epochs - 1:
-            last = {name: score(grid, batches.evaluation(name)) for name in evaluation_sets}
-            chosen = choose(last["holdout"]) if held_count else 0
-            record.update(grid=_grid_rows(points, last, lr_scale), chosen=chosen, chosen_lr=points[chosen].lr,
-                          best_acc=last["val"][chosen].acc1)
-            message += (f"; chosen on held-out: lr {points[chosen].lr:g}"
-                        + (f" (input set {points[chosen].inputs})" if len(inputs.dims) > 1 else "")
-                        + f", val acc@1 {last['val'][chosen].acc1:.2f}")
-        history.append(record)
-        log(message, flush=True)
-        if context.is_main:
-            save_atomic({"epoch": epoch + 1, "state_dict": grid.state_dict(), "optimizer": optimizer.state_dict(),
-                         "grid": settings, "features": "; ".join(inputs.describe()), "scores": _scores_state(last),
-                         "chosen": record.get("chosen")}, checkpoint_path)
-            append_json_line(os.path.join(args.output_dir, "log.txt"), record)
-    if last is None:
-        raise UserError(f"{checkpoint_path} records no validation to report: run again with another --output_dir")
-    results = _report(points, inputs.describe(), last, settings, lr_scale, log)
-    results.update(history=history, start_epoch=start_epoch)
-    if context.is_main:
-        write_json_atomic({k: v for k, v in results.items() if k != "history"},
-                          os.path.join(args.output_dir, RESULTS_NAME))
-    return results
+    held_count = holdout_size(val_split, len(run.train_all))
+    if held_count == 0 and len(run.points) > 1:
+        raise UserError(f"--val_split 0 leaves nothing to choose the {len(run.points)} classifiers of the grid on: "
+                        f"hold out training images, or give one learning rate")
+    kept, held = split_holdout(len(run.train_all), held_count, args.seed)
+    holdout_view = copy.copy(run.train_all)
+    holdout_view.transform = run.view
+    holdout_set = Subset(holdout_view, held)
+    run.settings["holdout"] = {"val_split": val_split, "images": held_count, "seed": args.seed,
+                               "digest": image_set_digest(holdout_set)}
+    return Subset(run.train_all, kept), {"val": run.val_set, **({"holdout": holdout_set} if held_count else {})}
 
 
-def _cached_batches(args: argparse.Namespace, context: DistributedContext, inputs: torch.nn.Module,
-                    config: dict[str, Any], train_set: Subset, evaluation_sets: dict[str, Any],
-                    log: Callable[..., None]) -> CachedBatches:
+def _cached_batches(args: argparse.Namespace, context: DistributedContext, run: GridRun, train_set: Subset,
+                    evaluation_sets: dict[str, Any], log: Callable[..., None]) -> CachedBatches:
     """Every set's inputs, from the cache under OUTPUT_DIR/feature_cache when it holds them for these weights,
     inputs and images, else extracted once and cached there."""
     weights = os.path.abspath(args.pretrained_weights)
     stat = os.stat(weights)
     base_key = {"weights": weights, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                "checkpoint_key": args.checkpoint_key, "model": json.loads(json.dumps(config, default=str)),
-                "inputs": inputs.describe(), "view": [args.resize_size, args.crop_size]}
+                "checkpoint_key": args.checkpoint_key, "model": json.loads(json.dumps(run.config, default=str)),
+                "inputs": run.inputs.describe(), "view": [args.resize_size, args.crop_size]}
 
     def load(name: str, dataset: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
         key = {**base_key, "images": image_set_digest(dataset)}
         return cached_inputs(os.path.join(args.output_dir, CACHE_FOLDER, f"{name}.pth"), key,
-                             lambda: extract_inputs(inputs, dataset, args.batch_size_per_gpu, args.num_workers,
+                             lambda: extract_inputs(run.inputs, dataset, args.batch_size_per_gpu, args.num_workers,
                                                     context), log)
 
     return CachedBatches(load("train", train_set), {name: load(name, dataset)
@@ -223,8 +240,7 @@ def _scores_state(scores: dict[str, list[Scores]] | None) -> dict[str, list[list
     return {name: [[s.acc1, s.acc5, s.loss, s.images] for s in per_head] for name, per_head in scores.items()}
 
 
-def _resume(path: str, grid: ProbeGrid, optimizer: torch.optim.Optimizer, settings: dict[str, Any],
-            log: Callable[..., None]) -> tuple[int, dict[str, list[Scores]] | None]:
+def _resume(path: str, run: GridRun, log: Callable[..., None]) -> tuple[int, dict[str, list[Scores]] | None]:
     """(first epoch to run, the last validation's scores) from ``path`` if it exists, else (0, None)."""
     if not os.path.isfile(path):
         return 0, None
@@ -233,12 +249,12 @@ def _resume(path: str, grid: ProbeGrid, optimizer: torch.optim.Optimizer, settin
         raise UserError(f"{path} was not written by a probe grid (a single classifier's, run with --lr?): use "
                         f"another --output_dir")
     saved = checkpoint["grid"]
-    differences = [f"{name} {saved.get(name)!r} (now {value!r})" for name, value in settings.items()
+    differences = [f"{name} {saved.get(name)!r} (now {value!r})" for name, value in run.settings.items()
                    if saved.get(name) != value]
     if differences:
         raise UserError(f"{path} was written with other settings: {'; '.join(differences)}; run with the same flags "
                         f"to resume it, or choose another --output_dir")
-    restore_state(checkpoint, path, state_dict=grid, optimizer=optimizer)
+    restore_state(checkpoint, path, state_dict=run.grid, optimizer=run.optimizer)
     scores = checkpoint.get("scores")
     last = None if scores is None else {name: [Scores(*row[:3], int(row[3])) for row in rows]
                                         for name, rows in scores.items()}
@@ -246,23 +262,23 @@ def _resume(path: str, grid: ProbeGrid, optimizer: torch.optim.Optimizer, settin
     return int(checkpoint["epoch"]), last
 
 
-def _evaluate(args: argparse.Namespace, context: DistributedContext, grid: ProbeGrid,
-              inputs: torch.nn.Module, val_set: Any, settings: dict[str, Any], lr_scale: float,
+def _evaluate(args: argparse.Namespace, context: DistributedContext, run: GridRun,
               log: Callable[..., None]) -> dict[str, Any]:
     """Validates every head of the grid in ``--linear_weights``; reports the one its run chose."""
     checkpoint = read_checkpoint(args.linear_weights)
-    saved = checkpoint["grid"]
-    differences = [f"{name} {saved.get(name)!r} (now {settings[name]!r})" for name in HEAD_SETTINGS
-                   if saved.get(name) != settings[name]]
+    saved, grid, val_set = checkpoint["grid"], run.grid, run.val_set
+    differences = [f"{name} {saved.get(name)!r} (now {run.settings[name]!r})" for name in HEAD_SETTINGS
+                   if saved.get(name) != run.settings[name]]
     if differences:
         raise UserError(f"{args.linear_weights} holds another grid: {'; '.join(differences)}: use the flags it was "
                         f"trained with")
     restore_state(checkpoint, args.linear_weights, state_dict=grid)
     loader = ordered_loader(shard(val_set, context.rank, context.world_size), args.batch_size_per_gpu,
                             args.num_workers, context.device.type == "cuda")
-    val = score(grid, ((inputs(images.to(context.device)), labels.to(context.device)) for images, labels in loader))
+    val = score(grid, ((run.inputs(images.to(context.device)), labels.to(context.device))
+                       for images, labels in loader))
     chosen = checkpoint.get("chosen")
-    rows = _grid_rows(grid.points, {"val": val}, lr_scale)
+    rows = _grid_rows(grid.points, {"val": val}, run.lr_scale)
     for row in rows:
         log(f"lr {row['lr']:g} (input set {row['inputs']}): val acc@1 {row['val_acc1']:.2f}, "
             f"acc@5 {row['val_acc5']:.2f}")
@@ -274,9 +290,9 @@ def _evaluate(args: argparse.Namespace, context: DistributedContext, grid: Probe
     return results
 
 
-def _report(points: list[GridPoint], inputs: list[str], scores: dict[str, list[Scores]], settings: dict[str, Any],
-            lr_scale: float, log: Callable[..., None]) -> dict[str, Any]:
+def _report(run: GridRun, scores: dict[str, list[Scores]], log: Callable[..., None]) -> dict[str, Any]:
     """Prints the grid's table and the chosen head; returns what probe_results.json holds."""
+    settings, points, lr_scale, inputs = run.settings, run.points, run.lr_scale, run.inputs.describe()
     holdout = settings["holdout"]
     chosen = choose(scores["holdout"]) if "holdout" in scores else 0
     rows = _grid_rows(points, scores, lr_scale)
