@@ -69,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       f"{' '.join(f'{lr:g}' for lr in RECIPES['efficient_probing'].learning_rates)}")
     grid.add_argument("--val_split", type=float, default=None,
                       help="training images held out to choose the classifier on: a fraction in (0, 1) or a number "
-                      "of images, drawn with --seed (default: 0.1; 0 only with one learning rate)")
+                      "of images, drawn with --seed (default: 0.1; 0 only for a grid of one classifier)")
     grid.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                       help="; ".join(f"{name}: {recipe.summary}" for name, recipe in RECIPES.items())
                       + " (default: efficient_probing for --probe attentive, else dino)")

@@ -161,7 +161,7 @@ def _split(args: argparse.Namespace, run: GridRun) -> tuple[Subset, dict[str, Su
     held_count = holdout_size(val_split, len(run.train_all))
     if held_count == 0 and len(run.points) > 1:
         raise UserError(f"--val_split 0 leaves nothing to choose the {len(run.points)} classifiers of the grid on: "
-                        f"hold out training images, or give one learning rate")
+                        f"hold out training images, or train a single classifier")
     kept, held = split_holdout(len(run.train_all), held_count, args.seed)
     holdout_view = copy.copy(run.train_all)
     holdout_view.transform = run.view
