@@ -187,6 +187,9 @@ def test_linear_grid_chooses_on_held_out_images_and_reports_every_point(data_and
     assert [row["val_acc1"] for row in evaluated["grid"]] == pytest.approx([row["val_acc1"] for row in rows])
     assert evaluated["chosen"] == best and evaluated["val"]["acc1"] == pytest.approx(results["val"]["acc1"])
     assert "Accuracy of the classifier chosen on held-out images" in capsys.readouterr().out
+    slots = eval_linear.main(["--pretrained_weights", checkpoint, "--data_path", data, *GRID, "--epochs", "1",
+                              "--slots", "1,3", "--learning_rates", "0.5", "--output_dir", str(tmp_path / "slots")])
+    assert slots["inputs"] == ["SPARO read-out slots 1,3 (32 dims)"] and len(slots["grid"]) == 1
 
 
 def test_a_one_point_grid_trains_as_the_reference_classifier(data_and_checkpoint, tmp_path):
