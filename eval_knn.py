@@ -18,7 +18,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_common_eval_args(parser, data_required=False)
     parser.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=positive_int,
                         help="numbers of nearest neighbours to evaluate (20 is usually the best)")
-    parser.add_argument("--temperature", default=0.07, type=float, help="temperature T of the weights exp(sim / T)")
+    parser.add_argument("--temperature", dest="temperatures", default=[0.07], nargs="+", type=float, metavar="T",
+                        help="temperature(s) T of the weights exp(sim / T) (default: 0.07, DINO's); several, e.g. "
+                        "0.07 0.1 0.2, sweep every (k, T) from one feature extraction. The first is printed in "
+                        "DINO's format and used by the slot and attribute analyses")
     parser.add_argument("--use_cuda", default=True, type=bool_flag,
                         help="keep the features on the GPU for the k-NN (set false if it runs out of memory)")
     parser.add_argument("--dump_features", default=None,
@@ -38,7 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="fraction of train held out to score slots for --select_slots (default: 0.1)")
     slots.add_argument("--seed", type=int, default=0, help="fixes the held-out part of train (default: 0)")
     slots.add_argument("--output_dir", default=None,
-                       help="where the slot JSON files are written (default: the folder of --pretrained_weights)")
+                       help="where knn.json (every (k, T)) and the slot JSON files are written (default: nowhere "
+                       "for a plain k-NN; the folder of --pretrained_weights for the slot and attribute analyses)")
     attributes = parser.add_argument_group("attribute labels (which slot knows what)")
     attributes.add_argument("--attributes", default=None, metavar="CSV",
                             help="CSV with one row per image: a 'path' column relative to --data_path and one "

@@ -162,3 +162,31 @@ def test_torchrun_attribute_matrix_and_selection_match_one_process(data_and_chec
     for name in ("knn_attributes.json", "knn_slot_attributes.json", "knn_slot_selection_for_parity.json"):
         with open(tmp_path / "one" / name) as one, open(tmp_path / "two" / name) as two:
             assert json.load(one) == json.load(two)
+
+
+def test_k_and_temperature_sweep_from_one_feature_extraction(data_and_checkpoint, tmp_path, monkeypatch, capsys):
+    from dino_sparo.eval import knn_eval
+
+    data, _, checkpoint = data_and_checkpoint
+    extractions = []
+    real_extract = knn_eval.extract_dataset_features
+    monkeypatch.setattr(knn_eval, "extract_dataset_features",
+                        lambda *args, **kwargs: extractions.append(1) or real_extract(*args, **kwargs))
+    results = run_ok(["--pretrained_weights", checkpoint, "--data_path", data, *SMALL, "--nb_knn", "10", "20",
+                      "--temperature", "0.07", "0.5", "--output_dir", str(tmp_path), "--dump_features",
+                      str(tmp_path / "features")])
+    assert len(extractions) == 2  # train and val, once for all four (k, T)
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "knn.json").read_text())
+    assert saved["sweep"] == results["knn_sweep"] and saved["val_images"] == 37 and saved["train_images"] == 120
+    assert [(row["k"], row["temperature"]) for row in saved["sweep"]] == [(10, 0.07), (20, 0.07), (10, 0.5),
+                                                                          (20, 0.5)]
+    train, test, train_labels, test_labels = check_against_dumped_features(results, tmp_path / "features", (10, 20))
+    for row in saved["sweep"]:
+        expected = knn_classifier(train, train_labels, test, test_labels, row["k"], row["temperature"], 10)
+        assert (row["top1"], row["top5"]) == pytest.approx(expected)
+        label = "" if row["temperature"] == 0.07 else " (T=0.5)"
+        assert f"{row['k']}-NN classifier result{label}: Top1: {row['top1']}, Top5: {row['top5']}" in out
+    assert results["temperature"] == 0.07  # the first: DINO's output lines and results["knn"]
+    assert "--temperature must be positive, got -1" in run_error(
+        ["--pretrained_weights", checkpoint, "--data_path", data, *SMALL, "--temperature", "0.07", "-1"], capsys)

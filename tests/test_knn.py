@@ -131,3 +131,18 @@ def test_two_processes_give_the_same_accuracy_as_one():
             expected = knn_classifier(train, train_labels, test, test_labels, k, 0.07, 10)
             assert results[0, num_test][k] == pytest.approx(expected)
             assert results[1, num_test][k] == pytest.approx(expected)
+
+
+def test_sweep_over_k_and_temperature_equals_every_single_knn():
+    from dino_sparo.eval.knn import sharded_knn_sweep
+
+    train, train_labels, test, test_labels = _random_problem(150, 37)
+    temperatures = (0.02, 0.07, 0.5)
+    sweep = sharded_knn_sweep(train, train_labels, test, test_labels, KS, temperatures, num_classes=10,
+                              max_similarities=150 * 7)
+    assert set(sweep) == {(k, T) for k in KS for T in temperatures}
+    for (k, T), result in sweep.items():
+        assert result == pytest.approx(knn_classifier(train, train_labels, test, test_labels, k, T, 10))
+    assert len({sweep[200, T] for T in temperatures}) > 1  # the temperature changes the vote here
+    with pytest.raises(ValueError, match="temperatures must be positive"):
+        sharded_knn_sweep(train, train_labels, test, test_labels, KS, [0.07, 0.0], num_classes=10)

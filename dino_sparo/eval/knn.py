@@ -60,7 +60,19 @@ def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, tes
 def sharded_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                 test_labels: torch.Tensor, ks: Sequence[int], T: float, num_classes: int,
                 max_similarities: int = 1 << 25) -> dict[int, tuple[float, float]]:
-    """k-NN top-1/top-5 (percent) for every ``k`` in ``ks``, with train and test sets split across ranks.
+    """k-NN top-1/top-5 (percent) for every ``k`` in ``ks`` at temperature ``T``: :func:`sharded_knn_sweep` with
+    one temperature."""
+    sweep = sharded_knn_sweep(train_features, train_labels, test_features, test_labels, ks, [T], num_classes,
+                              max_similarities)
+    return {k: sweep[k, T] for k in ks}
+
+
+@torch.no_grad()
+def sharded_knn_sweep(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                      test_labels: torch.Tensor, ks: Sequence[int], temperatures: Sequence[float], num_classes: int,
+                      max_similarities: int = 1 << 25) -> dict[tuple[int, float], tuple[float, float]]:
+    """k-NN top-1/top-5 (percent) for every ``(k, T)`` of ``ks`` x ``temperatures``, with train and test sets split
+    across ranks; the neighbours are searched once, for the largest k, and every (k, T) votes from them.
 
     Each rank passes its own shard of both sets (L2-normalised, any sizes, possibly empty). The test shard of
     each rank in turn is broadcast in chunks; every rank ranks the chunk against its train shard only, the
@@ -71,6 +83,9 @@ def sharded_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     """
     if not ks or min(ks) < 1:
         raise ValueError(f"k must be >= 1, got {list(ks)}")
+    if not temperatures or min(temperatures) <= 0:
+        raise ValueError(f"temperatures must be positive, got {list(temperatures)}")
+    pairs = [(k, T) for T in temperatures for k in ks]
     device = train_features.device
     train_sizes = distributed.all_gather_sizes(train_features.shape[0])
     test_sizes = distributed.all_gather_sizes(test_features.shape[0])
@@ -80,7 +95,7 @@ def sharded_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     local_k = min(k_max, train_features.shape[0])
     chunk = _chunk_size(max(train_sizes), max_similarities)
     train_labels = train_labels.to(device)
-    hits = torch.zeros(len(ks), 2, dtype=torch.long)
+    hits = torch.zeros(len(pairs), 2, dtype=torch.long)
     for owner, owner_size in enumerate(test_sizes):
         for start in range(0, owner_size, chunk):
             rows = min(chunk, owner_size - start)
@@ -103,8 +118,8 @@ def sharded_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
             all_labels = torch.cat(distributed.all_gather_equal(neighbours), dim=1)
             merged_sims, order = all_sims.topk(k_max, dim=1)  # sorted, so the first k are the k nearest
             merged_labels = all_labels.gather(1, order)
-            for index, k in enumerate(ks):
+            for index, (k, T) in enumerate(pairs):
                 scores = knn_vote(merged_sims[:, :k], merged_labels[:, :k], T, num_classes)
                 hits[index] += torch.tensor(topk_accuracy(scores, labels))
     total = sum(test_sizes)
-    return {k: (100.0 * int(hits[i, 0]) / total, 100.0 * int(hits[i, 1]) / total) for i, k in enumerate(ks)}
+    return {pair: (100.0 * int(hits[i, 0]) / total, 100.0 * int(hits[i, 1]) / total) for i, pair in enumerate(pairs)}

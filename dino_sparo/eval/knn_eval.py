@@ -22,7 +22,7 @@ from ..viz.heatmap import draw_slot_heatmap
 from .attributes import AttributeLabels, attribute_labels, majority_chance, parse_columns
 from .features import dump_features, extract_dataset_features, load_features
 from .flags import check_eval_args
-from .knn import sharded_knn
+from .knn import sharded_knn, sharded_knn_sweep
 from .slot_matrix import attribute_knn, select_for_attribute, selection_table, slot_attribute_matrix, top1_row
 from .slot_stats import PEAKEDNESS_HELP, SlotStatistics, measure_slots
 from .slots import SlotScore, check_slots, per_slot_knn, select_slots, slot_layout
@@ -39,8 +39,10 @@ def evaluate_knn(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.temperature <= 0:
-        raise UserError(f"--temperature must be positive, got {args.temperature}")
+    wrong = [T for T in args.temperatures if not T > 0]
+    if wrong:
+        raise UserError(f"--temperature must be positive, got {', '.join(f'{T:g}' for T in wrong)}")
+    args.temperature = args.temperatures[0]  # the one of DINO's output lines and of the slot analyses
     if not args.data_path and not args.load_features:
         raise UserError("give --data_path (a folder with train/ and val/) or --load_features")
     if args.slots and args.select_slots:
@@ -50,7 +52,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--select_holdout must be a fraction in (0, 1), got {args.select_holdout}")
     _check_attribute_args(args)
     # checked now, not after the features are extracted
-    if args.per_slot or args.select_slots or args.attributes:
+    if args.output_dir is not None or args.per_slot or args.select_slots or args.attributes:
         if args.output_dir is None:  # beside the evaluated checkpoint, never silently in the working directory
             args.output_dir = os.path.dirname(os.path.abspath(args.pretrained_weights))
         ensure_writable_dir(args.output_dir)
@@ -105,10 +107,19 @@ def _evaluate(args: argparse.Namespace, context: DistributedContext) -> dict[str
         test_view = restrict_to_slots(test_features, slots, slot_dim)
         results["slots"] = slots
         log(f"evaluating slots {','.join(map(str, slots))} of {num_slots}")
-    knn = sharded_knn(train_view, train_labels, test_view, test_labels, args.nb_knn, args.temperature, num_classes)
-    for k, (top1, top5) in knn.items():
-        log(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
-    results["knn"] = {str(k): {"top1": top1, "top5": top5} for k, (top1, top5) in knn.items()}
+    sweep = sharded_knn_sweep(train_view, train_labels, test_view, test_labels, args.nb_knn, args.temperatures,
+                              num_classes)
+    for (k, T), (top1, top5) in sweep.items():
+        log(f"{k}-NN classifier result{'' if T == args.temperature else f' (T={T:g})'}: Top1: {top1}, Top5: {top5}")
+    results["knn"] = {str(k): {"top1": top1, "top5": top5} for (k, T), (top1, top5) in sweep.items()
+                      if T == args.temperature}
+    results["knn_sweep"] = [{"k": k, "temperature": T, "top1": top1, "top5": top5}
+                            for (k, T), (top1, top5) in sweep.items()]
+    if args.output_dir:
+        _write_json(context, args.output_dir, "knn.json", {
+            "num_classes": num_classes, "train_images": int(sum(distributed.all_gather_sizes(len(train_features)))),
+            "val_images": int(sum(distributed.all_gather_sizes(len(test_features)))), "sweep": results["knn_sweep"],
+            **({"slots": slots} if slots is not None else {})}, log)
 
     if args.per_slot:
         scores = per_slot_knn(train_features, train_labels, test_features, test_labels, num_slots, slot_dim,

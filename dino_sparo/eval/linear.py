@@ -1,4 +1,5 @@
-"""Linear probe on frozen features (DINO's eval_linear protocol) for CLS and SPARO encodings."""
+"""The probes of ``eval_linear.py``: DINO's single linear classifier on frozen features (its eval_linear protocol,
+run with ``--lr``) for CLS and SPARO encodings, and the dispatch to the probe grid (:mod:`.probe_train`)."""
 from __future__ import annotations
 
 import argparse
@@ -18,90 +19,86 @@ from ..data.datasets import labelled_splits, ordered_loader, shard
 from ..data.transforms import eval_transform, linear_train_transform
 from ..distributed import DistributedContext
 from ..errors import UserError
-from ..models import VisionTransformer
+from ..models.backbone import ReadoutBackbone
 from ..models.factory import build_pretrained_backbone
 from ..utils.files import append_json_line
 from .flags import check_eval_args
-from .slots import check_slots, slot_layout
+from .probe_heads import LinearClassifier
+from .probe_inputs import ProbeFeatures, build_probe_inputs
+from .probe_train import run_probe_grid
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 
 
-class LinearClassifier(nn.Module):
-    """One linear layer on frozen features: weight N(0, 0.01), zero bias, as DINO's."""
-
-    def __init__(self, dim: int, num_labels: int) -> None:
-        super().__init__()
-        self.num_labels = num_labels
-        self.linear = nn.Linear(dim, num_labels)
-        nn.init.normal_(self.linear.weight, mean=0.0, std=0.01)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(features.flatten(1))
+# Flags of the grid (no --lr), refused beside --lr for the linear probe, which then runs DINO's single classifier.
+GRID_FLAGS = ("learning_rates", "val_split", "recipe", "warmup_epochs", "train_augmentation", "feature_sets")
+TOKEN_FLAGS = ("probe_queries", "probe_heads", "probe_cls", "probe_registers")  # the attentive probes' only
+REFERENCE_EPOCHS = 100  # DINO's eval_linear default
 
 
-class ProbeFeatures(nn.Module):
-    """The frozen features the linear probe sees: the read-out's own part
-    (:meth:`~dino_sparo.models.readouts.Readout.probe_features`: nothing for CLS, SPARO's encoding or the chosen
-    ``slots`` of it at unit RMS per dimension, GAP's patch mean, ...), then the CLS tokens of the last
-    ``n_last_blocks`` blocks (each through the final norm, DINO's protocol), and with ``avgpool_patchtokens`` the
-    mean of the last block's patch tokens. With one CLS token, CLS and mean are interleaved dimension by dimension
-    (``[c0, m0, c1, m1, ...]``) as DINO's eval_linear lays them out, so its trained linear weights evaluate
-    correctly; with more blocks (which DINO cannot combine with the mean) the mean is appended.
-    """
+def _flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """The ``--flags`` among ``names`` given on the command line (their defaults are None)."""
+    return [f"--{name}" for name in names if getattr(args, name) is not None]
 
-    def __init__(self, backbone: VisionTransformer, n_last_blocks: int, avgpool_patchtokens: bool,
-                 slots: list[int] | None = None) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.n_last_blocks = n_last_blocks
-        self.avgpool_patchtokens = avgpool_patchtokens
-        self.slots = slots
-        self.eval()
-        with torch.no_grad():  # the read-out's share of the features, measured on a one-patch image
-            probe = backbone.cls_token.new_zeros(1, 3, *backbone.patch_embed.patch_size)
-            own = backbone.readout_module.probe_features(backbone.readout_tokens(backbone.tokens(probe)), slots)
-        self.readout_dim = 0 if own is None else own.shape[1]
-        self.feature_dim = self.readout_dim + backbone.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
 
-    def describe(self) -> str:
-        parts = []
-        if self.readout_dim:
-            slots = f" slots {','.join(map(str, self.slots))}" if self.slots is not None else ""
-            parts.append(f"{self.backbone.readout.upper()} read-out{slots}")
-        if self.n_last_blocks:
-            parts.append(f"CLS tokens of the last {self.n_last_blocks} block(s)")
-        if self.avgpool_patchtokens:
-            parts.append("mean of the last block's patch tokens")
-        return " + ".join(parts) + f" ({self.feature_dim} dims)"
+def check_probe_args(args: argparse.Namespace) -> None:
+    """The checks that need neither the model nor the data; each failure is one :class:`UserError`."""
+    if args.evaluate and not args.linear_weights:
+        raise UserError("--evaluate needs --linear_weights PATH (a checkpoint.pth.tar written by eval_linear.py)")
+    if args.val_freq < 1 or (args.epochs is not None and args.epochs < 1):
+        raise UserError("--epochs and --val_freq must be >= 1")
+    if args.lr is not None and args.learning_rates is not None:
+        raise UserError("give --lr (one learning rate) or --learning_rates (a grid), not both")
+    if args.learning_rates is not None and not args.learning_rates:
+        raise UserError("--learning_rates is empty: give at least one learning rate")
+    rates = [args.lr] if args.lr is not None else args.learning_rates or []
+    wrong = [rate for rate in rates if not rate > 0]
+    if wrong:
+        raise UserError(f"learning rates must be positive, got {', '.join(f'{rate:g}' for rate in wrong)}")
+    if args.probe == "linear" and args.lr is not None and _flags(args, GRID_FLAGS):
+        raise UserError(f"--lr runs DINO's single linear classifier exactly; {', '.join(_flags(args, GRID_FLAGS))} "
+                        f"belong to the probe grid: give --learning_rates {args.lr:g} instead of --lr for a grid of "
+                        f"one")
+    if args.probe == "linear" and _flags(args, TOKEN_FLAGS):
+        raise UserError(f"{', '.join(_flags(args, TOKEN_FLAGS))} set the attentive probes (--probe attentive or "
+                        f"cross_attention), not the linear probe")
+    linear_only = _flags(args, ("n_last_blocks", "feature_sets", "slots")) + (
+        ["--avgpool_patchtokens"] if args.avgpool_patchtokens else [])
+    if args.probe != "linear" and linear_only:
+        raise UserError(f"--probe {args.probe} reads the backbone's tokens; {', '.join(linear_only)} choose the linear "
+                        f"probe's features")
+    if args.feature_sets is not None and (args.n_last_blocks is not None or args.avgpool_patchtokens):
+        raise UserError("--feature_sets replaces --n_last_blocks and --avgpool_patchtokens: give one or the other")
+    if args.feature_sets is not None and not args.feature_sets:
+        raise UserError("--feature_sets is empty: give at least one, e.g. 1 4+avgpool")
+    if args.probe_queries is not None and args.probe_queries < 1:
+        raise UserError(f"--probe_queries (Q) must be >= 1, got {args.probe_queries}")
+    if args.probe_heads is not None and (args.probe != "cross_attention" or args.probe_heads < 1):
+        raise UserError("--probe_heads sets the heads of --probe cross_attention (>= 1)")
+    if args.warmup_epochs is not None and args.warmup_epochs < 0:
+        raise UserError(f"--warmup_epochs must be >= 0, got {args.warmup_epochs}")
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.backbone.get_intermediate_layers(images, max(1, self.n_last_blocks))
-        own = self.backbone.readout_module.probe_features(self.backbone.readout_tokens(tokens[-1]), self.slots)
-        features = [] if own is None else [own]
-        cls_tokens = [t[:, 0] for t in tokens[-self.n_last_blocks:]] if self.n_last_blocks else []
-        if self.avgpool_patchtokens:
-            patch_mean = tokens[-1][:, self.backbone.num_prefix_tokens:].mean(dim=1)
-            if len(cls_tokens) == 1:
-                cls_tokens = [torch.stack((cls_tokens[0], patch_mean), dim=-1).flatten(1)]
-            else:
-                cls_tokens.append(patch_mean)
-        return torch.cat(features + cls_tokens, dim=-1).float()
+
+def _is_grid_checkpoint(path: str) -> bool:
+    checkpoint = read_checkpoint(path)
+    return isinstance(checkpoint, dict) and "grid" in checkpoint
 
 
 def evaluate_linear(args: argparse.Namespace) -> dict[str, Any]:
-    """Trains (or with ``--evaluate`` only validates) the linear probe ``args`` describe; returns the results."""
-    if args.evaluate and not args.linear_weights:
-        raise UserError("--evaluate needs --linear_weights PATH (a checkpoint.pth.tar written by eval_linear.py)")
-    if args.val_freq < 1 or args.epochs < 1:
-        raise UserError("--epochs and --val_freq must be >= 1")
-    if not args.evaluate:
+    """Trains (or with ``--evaluate`` only validates) the probe ``args`` describe; returns the results: DINO's
+    single linear classifier with ``--lr`` (and the linear probe), else the probe grid of
+    :func:`~dino_sparo.eval.probe_train.run_probe_grid`."""
+    check_probe_args(args)
+    if args.evaluate:
+        grid = _is_grid_checkpoint(args.linear_weights)
+        if not grid and args.probe != "linear":
+            raise UserError(f"{args.linear_weights} holds a single linear classifier, not a --probe {args.probe} grid")
+    else:
+        grid = args.probe != "linear" or args.lr is None
         ensure_writable_dir(args.output_dir)
     context = distributed.init_distributed()
     try:
-        return _run(args, context)
+        return run_probe_grid(args, context) if grid else _run(args, context)
     finally:
         distributed.destroy_distributed()
 
@@ -112,6 +109,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any
                                                  verbose=context.is_main)
     check_eval_args(args, config)
     features = _probe_features(args, backbone).to(context.device)
+    epochs = args.epochs or REFERENCE_EPOCHS
     train_set, val_set = labelled_splits(args.data_path, linear_train_transform(args.crop_size),
                                          eval_transform(args.resize_size, args.crop_size))
     num_labels = args.num_labels if args.num_labels is not None else len(train_set.classes)
@@ -137,7 +135,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any
             classifier, device_ids=[context.device.index] if context.device.type == "cuda" else None)
     lr = args.lr * args.batch_size_per_gpu * context.world_size / 256.0
     optimizer = torch.optim.SGD(classifier.parameters(), lr, momentum=0.9, weight_decay=0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
     checkpoint_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
     start_epoch, best_acc = _resume(checkpoint_path, classifier, optimizer, scheduler, features.describe(), log)
 
@@ -148,15 +146,15 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any
     if context.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
     history = []
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
         # Augmentations depend on (epoch, rank) only, so a resumed run repeats the uninterrupted one.
         torch.manual_seed(args.seed + epoch * context.world_size + context.rank)
         train_stats = train_one_epoch(features, ddp_classifier, optimizer, train_loader, context.device)
         scheduler.step()
         record: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
-        message = f"epoch {epoch + 1}/{args.epochs}: train loss {train_stats['loss']:.4f}, lr {train_stats['lr']:.6f}"
-        if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
+        message = f"epoch {epoch + 1}/{epochs}: train loss {train_stats['loss']:.4f}, lr {train_stats['lr']:.6f}"
+        if epoch % args.val_freq == 0 or epoch == epochs - 1:
             val_stats = validate(features, classifier, val_loader, context.device)
             best_acc = max(best_acc, val_stats["acc1"])
             record.update({f"test_{k}": v for k, v in val_stats.items()})
@@ -175,18 +173,10 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any
     return {"best_acc": best_acc, "history": history, "start_epoch": start_epoch, "features": features.describe()}
 
 
-def _probe_features(args: argparse.Namespace, backbone: VisionTransformer) -> ProbeFeatures:
-    default_blocks = min(backbone.readout_module.probe_cls_blocks, len(backbone.blocks))
-    n_last_blocks = args.n_last_blocks if args.n_last_blocks is not None else default_blocks
-    if not 0 <= n_last_blocks <= len(backbone.blocks):
-        raise UserError(f"--n_last_blocks must be between 0 and the {len(backbone.blocks)} remaining blocks, "
-                        f"got {n_last_blocks}")
-    slots = check_slots(args.slots, slot_layout(backbone, "--slots")[0]) if args.slots else None
-    features = ProbeFeatures(backbone, n_last_blocks, args.avgpool_patchtokens, slots)
-    if features.feature_dim == 0:
-        raise UserError(f"--n_last_blocks 0 leaves the {backbone.readout.upper()} read-out without features: "
-                        f"use >= 1")
-    return features
+def _probe_features(args: argparse.Namespace, backbone: ReadoutBackbone) -> ProbeFeatures:
+    """The one feature set of ``--n_last_blocks`` and ``--avgpool_patchtokens`` (``--feature_sets`` is refused
+    beside ``--lr``)."""
+    return build_probe_inputs(args, backbone).sets[0]
 
 
 def train_one_epoch(features: ProbeFeatures, classifier: nn.Module, optimizer: torch.optim.Optimizer,
@@ -232,6 +222,9 @@ def _read_linear_checkpoint(path: str, features: str) -> dict[str, Any]:
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{path} is not an eval_linear checkpoint (no state_dict)")
+    if "grid" in checkpoint:
+        raise UserError(f"{path} was written by a probe grid (eval_linear.py without --lr): use another --output_dir "
+                        f"for a single classifier")
     trained_on = checkpoint.get("features", features)
     if trained_on != features:
         raise UserError(f"{path} was trained on {trained_on}, not on {features}: use the same feature flags")
