@@ -241,10 +241,10 @@ def test_attentive_probes_resume_exactly(data_and_checkpoint, tmp_path, monkeypa
     if cached:  # the cache holds the probe's input: the backbone's tokens of each image's evaluation view
         from dino_sparo.data.datasets import ImageDataset
         from dino_sparo.data.transforms import eval_transform
-        from dino_sparo.models.config import build_pretrained_backbone
+        from dino_sparo.models import build_pretrained_backbone
 
         cache = torch.load(tmp_path / "straight" / "feature_cache" / "val.pth", weights_only=True)
-        backbone, _ = build_pretrained_backbone(checkpoint, "teacher", {}, log=None)
+        backbone, _ = build_pretrained_backbone(checkpoint, "teacher", {}, verbose=False)
         images = torch.stack([image for image, _ in ImageDataset(os.path.join(data, "val"), eval_transform(32, 32))])
         with torch.no_grad():
             torch.testing.assert_close(cache["features"][0], backbone.tokens(images), atol=1e-5, rtol=1e-4)

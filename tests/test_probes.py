@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_MODEL
+from helpers import TINY_MODEL, backbone_of
 
 from dino_sparo.distributed import DistributedContext
 from dino_sparo.errors import UserError
@@ -16,7 +16,6 @@ from dino_sparo.eval.probe_heads import CrossAttentionProbe, EfficientProbe, bui
 from dino_sparo.eval.probe_inputs import FeatureSet, LinearInputs, ProbeFeatures, ProbeTokens
 from dino_sparo.eval.probe_recipes import RECIPES, build_optimizer, lr_factor
 from dino_sparo.eval.probe_train import score, train_epoch
-from dino_sparo.models import build_backbone
 
 
 def test_efficient_probe_keeps_only_the_value_projection_and_matches_a_loop():
@@ -92,7 +91,7 @@ def test_build_head_refuses_impossible_shapes():
 @pytest.mark.parametrize("readout", ["cls", "sparo"])
 def test_probe_tokens_of_every_backbone(arch, readout):
     tiny = arch == "vit_tiny"  # the others keep their arch's patch size and registers (None: the arch's)
-    backbone = build_backbone(dict(TINY_MODEL, arch=arch, depth=2, readout=readout, patch_size=8 if tiny else None,
+    backbone = backbone_of(**dict(TINY_MODEL, arch=arch, depth=2, readout=readout, patch_size=8 if tiny else None,
                                    num_registers=2 if tiny else None, sparo_slots=4, sparo_slot_dim=8)).eval()
     patch = backbone.patch_embed.patch_size[0]
     images = torch.randn(2, 3, 2 * patch, 2 * patch)
@@ -108,13 +107,13 @@ def test_probe_tokens_of_every_backbone(arch, readout):
 
 
 def test_probe_tokens_refuse_registers_a_model_does_not_have():
-    backbone = build_backbone(dict(TINY_MODEL, depth=2, readout="cls"))
+    backbone = backbone_of(**dict(TINY_MODEL, depth=2, readout="cls"))
     with pytest.raises(UserError, match="no register tokens"):
         ProbeTokens(backbone, registers=True)
 
 
 def test_linear_inputs_are_the_feature_sets_from_one_backbone_pass():
-    backbone = build_backbone(dict(TINY_MODEL, depth=4)).eval()  # SPARO: 3 blocks left
+    backbone = backbone_of(**dict(TINY_MODEL, depth=4)).eval()  # SPARO: 3 blocks left
     images = torch.randn(2, 3, 16, 16)
     sets = [FeatureSet(0), FeatureSet(1, True), FeatureSet(3)]
     inputs = LinearInputs(backbone, sets)

@@ -159,8 +159,12 @@ def test_eval_linear_trains_on_the_read_outs_probe_features(name, data, tmp_path
     save_checkpoint(tmp_path / "checkpoint.pth", name)
     results = eval_linear.main(["--pretrained_weights", str(tmp_path / "checkpoint.pth"), "--data_path", data,
                                 "--epochs", "1", "--output_dir", str(tmp_path / "linear"), *EVAL_SIZES])
-    assert 0 <= results["best_acc"] <= 100 and len(results["history"]) == 1
-    assert READOUTS[name].name.upper() in results["features"] or "CLS tokens" in results["features"]
+    grid = results["grid"]
+    assert len(results["history"]) == 1 and len({point["lr"] for point in grid}) == len(grid) > 1
+    # the chosen classifier is the grid point best on held-out training images (ties: the lower held-out loss)
+    best = max(grid, key=lambda point: (point["holdout_acc1"], -point["holdout_loss"]))
+    assert results["chosen"]["lr"] == best["lr"] and results["val"]["acc1"] == best["val_acc1"]
+    assert READOUTS[name].name.upper() in results["inputs"][0] or "CLS tokens" in results["inputs"][0]
 
 
 @pytest.mark.parametrize("name", NAMES)

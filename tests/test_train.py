@@ -239,3 +239,14 @@ def test_an_epoch_whose_log_line_was_lost_is_logged_from_its_checkpoint(tmp_path
     assert [line["epoch"] for line in lines] == [0, 1] and lines[0] == record
     train_dino(tiny_config(data, out, "--epochs", "3"))  # a log that has the epoch is left alone
     assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_the_demo_recipe_on_other_images_neither_generates_nor_scores_the_demo_set(tmp_path):
+    """--demo with --data_path trains the demo's recipe on those images: the demo set is neither generated nor
+    used for the end-of-training k-NN; without --data_path the demo trains, and is scored, on its own set."""
+    elsewhere = parse_config(["--demo", "--data_path", str(tmp_path / "images")])
+    assert (elsewhere.demo_data_dir, elsewhere.knn_data_path) == (None, None)
+    assert elsewhere.model.arch == "vit_tiny" and elsewhere.epochs == 10  # the recipe still applies
+    demo = parse_config(["--demo", "--demo_data_dir", str(tmp_path / "demo")])
+    assert demo.demo_data_dir == demo.knn_data_path == str(tmp_path / "demo")
+    assert demo.data_path == str(tmp_path / "demo" / "train")

@@ -88,7 +88,7 @@ class TrainConfig:
     # end-of-training k-NN and the demo
     knn_data_path: str | None
     demo: bool
-    demo_data_dir: str | None  # the demo set's folder (generated on first use); None without --demo
+    demo_data_dir: str | None  # the demo set's folder (generated on first use); None unless the demo trains on it
     demo_num_images: int
     config_file: str | None
     # defaults decided for this run that the log announces (e.g. a retrofit's); not part of the saved args
@@ -212,7 +212,9 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     values = {item.name: getattr(args, item.name) for item in fields(TrainConfig)
               if item.name not in ("model", "notes") and hasattr(args, item.name)}
     patch = model.patch_size
-    demo_root = os.path.abspath(args.demo_data_dir or os.path.join(default_cache_dir(), "demo")) if args.demo else None
+    # --demo trains on the generated demo set unless --data_path names other images
+    demo_root = (os.path.abspath(args.demo_data_dir or os.path.join(default_cache_dir(), "demo"))
+                 if args.demo and not args.data_path else None)
     values.update(
         precision=resolve_precision(args.precision, args.use_fp16, device),
         augment_device=device.split(":")[0] if args.augment_device == "auto" else args.augment_device,

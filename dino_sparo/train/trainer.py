@@ -55,7 +55,7 @@ def train_dino(config: TrainConfig) -> TrainResult:
     for note in config.notes:
         logger.info(note)
     _prepare_output_dir(config.output_dir, ctx.is_main)
-    if config.demo:
+    if config.demo_data_dir:
         ensure_demo_dataset(config.demo_data_dir, num_train=config.demo_num_images,
                             num_val=max(1, config.demo_num_images // 4), verbose=ctx.is_main)
         logger.info(f"demo data: {config.demo_data_dir} (class folders = {DEMO_CLASS_LABEL}; all attributes in "
@@ -226,7 +226,7 @@ def final_knn(config: TrainConfig, backbone: nn.Module, initial_state: dict[str,
         knn = knn_on_folders(model, config.knn_data_path, *config.knn_view, [FINAL_KNN_K], FINAL_KNN_TEMPERATURE,
                              batch_size=256, num_workers=min(config.num_workers, 2), context=ctx)
         scores[name] = knn[FINAL_KNN_K][0]
-    label = f"{DEMO_CLASS_LABEL} classes" if config.demo else "class folders"
+    label = f"{DEMO_CLASS_LABEL} classes" if config.knn_data_path == config.demo_data_dir else "class folders"
     line = f"k-NN top-1 on {os.path.join(config.knn_data_path, 'val')} ({label}, k={FINAL_KNN_K}): "
     if "random_init" in scores:
         line += f"random init {scores['random_init']:.1f}%  ->  trained teacher {scores['trained']:.1f}%"
