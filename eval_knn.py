@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import argparse
 
-from dino_sparo.cli import bool_flag, positive_int
+from dino_sparo.cli import BARE_IS_TRUE, ArgumentParser, bool_flag, positive_int
 from dino_sparo.errors import run_cli
 from dino_sparo.eval.flags import add_common_eval_args
 from dino_sparo.eval.knn_eval import evaluate_knn
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluation with weighted k-NN on frozen features")
+    parser = ArgumentParser(prog="eval_knn.py", description="Evaluation with weighted k-NN on frozen features")
     add_common_eval_args(parser, data_required=False)
     parser.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=positive_int,
                         help="numbers of nearest neighbours to evaluate (20 is usually the best)")
@@ -22,7 +22,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="temperature(s) T of the weights exp(sim / T) (default: 0.07, DINO's); several, e.g. "
                         "0.07 0.1 0.2, sweep every (k, T) from one feature extraction. The first is printed in "
                         "DINO's format and used by the slot and attribute analyses")
-    parser.add_argument("--use_cuda", default=True, type=bool_flag,
+    parser.add_argument("--use_cuda", default=True, type=bool_flag, **BARE_IS_TRUE,
                         help="keep the features on the GPU for the k-NN (set false if it runs out of memory)")
     parser.add_argument("--dump_features", default=None,
                         help="folder to save trainfeat.pth, testfeat.pth, trainlabels.pth, testlabels.pth into")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from dino_sparo.cli import bool_flag, positive_int
+from dino_sparo.cli import BARE_IS_TRUE, ArgumentParser, bool_flag, positive_int
 from dino_sparo.errors import run_cli
 from dino_sparo.eval.flags import add_common_eval_args
 from dino_sparo.eval.linear import evaluate_linear
@@ -21,14 +21,14 @@ from dino_sparo.eval.probe_recipes import RECIPES
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluation with linear classification on frozen features (or "
-                                     "attentive probes); see docs/probes.md")
+    parser = ArgumentParser(prog="eval_linear.py", description="Evaluation with linear classification on frozen "
+                            "features (or attentive probes); see docs/probes.md")
     add_common_eval_args(parser)
     parser.add_argument("--n_last_blocks", type=int, default=None,
                         help="concatenate the CLS tokens of the last n blocks (default: 4 for the cls read-out, as "
                         "DINO for ViT-S (ViT-B: 1 with --avgpool_patchtokens true); 0 for sparo/gap, whose "
                         "encoding is the feature; n > 0 adds the last n CLS tokens to it)")
-    parser.add_argument("--avgpool_patchtokens", type=bool_flag, default=False,
+    parser.add_argument("--avgpool_patchtokens", type=bool_flag, **BARE_IS_TRUE, default=False,
                         help="also concatenate the mean of the last block's patch tokens (DINO: true for ViT-B)")
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="training epochs (default: 100 with --lr, else the recipe's: dino 100, "
@@ -81,7 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       "N+avgpool (with the mean patch token), all from one backbone pass per batch; e.g. 1 4+avgpool "
                       "(DINOv2 tries 1, 1+avgpool, 4, 4+avgpool). Default: the one of --n_last_blocks and "
                       "--avgpool_patchtokens")
-    grid.add_argument("--train_augmentation", type=bool_flag, nargs="?", const=True, default=None,
+    grid.add_argument("--train_augmentation", type=bool_flag, **BARE_IS_TRUE, default=None,
                       help="DINO's random resized crop and flip of the training images (default: true). false: "
                       "training images get the evaluation view, so every view is the same each epoch and the frozen "
                       "features are extracted once and cached in OUTPUT_DIR/feature_cache (reused on resume)")
@@ -91,10 +91,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "cross_attention); attentive: Q must divide the token width")
     attentive.add_argument("--probe_heads", type=int, default=None,
                            help="attention heads of cross_attention (default: token width / 64, as V-JEPA)")
-    attentive.add_argument("--probe_cls", type=bool_flag, nargs="?", const=True, default=None,
+    attentive.add_argument("--probe_cls", type=bool_flag, **BARE_IS_TRUE, default=None,
                            help="the probe reads the CLS token besides the patch tokens (default: true; Efficient "
                            "Probing's rule for encoders trained on their CLS token)")
-    attentive.add_argument("--probe_registers", type=bool_flag, nargs="?", const=True, default=None,
+    attentive.add_argument("--probe_registers", type=bool_flag, **BARE_IS_TRUE, default=None,
                            help="the probe also reads the register tokens (default: false)")
     parser.set_defaults(batch_size_per_gpu=128)
     return parser

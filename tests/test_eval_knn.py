@@ -165,12 +165,12 @@ def test_torchrun_attribute_matrix_and_selection_match_one_process(data_and_chec
 
 
 def test_k_and_temperature_sweep_from_one_feature_extraction(data_and_checkpoint, tmp_path, monkeypatch, capsys):
-    from dino_sparo.eval import knn_eval
+    from dino_sparo.eval import features
 
     data, _, checkpoint = data_and_checkpoint
     extractions = []
-    real_extract = knn_eval.extract_dataset_features
-    monkeypatch.setattr(knn_eval, "extract_dataset_features",
+    real_extract = features.extract_dataset_features
+    monkeypatch.setattr(features, "extract_dataset_features",
                         lambda *args, **kwargs: extractions.append(1) or real_extract(*args, **kwargs))
     results = run_ok(["--pretrained_weights", checkpoint, "--data_path", data, *SMALL, "--nb_knn", "10", "20",
                       "--temperature", "0.07", "0.5", "--output_dir", str(tmp_path), "--dump_features",

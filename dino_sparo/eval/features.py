@@ -1,6 +1,7 @@
 """Frozen-backbone feature extraction for the evaluations."""
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 
@@ -10,8 +11,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..checkpoint import read_checkpoint, save_atomic
-from ..data.datasets import ordered_loader
+from ..data.datasets import labelled_splits, ordered_loader, shard
+from ..data.transforms import eval_transform
+from ..distributed import DistributedContext
 from ..errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -31,6 +36,24 @@ def extract_features(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torc
     if not features:
         raise ValueError("no images to extract features from")
     return torch.cat(features), torch.cat(labels)
+
+
+def folder_features(model: nn.Module, data_path: str, resize_size: int, crop_size: int, batch_size: int,
+                    num_workers: int, context: DistributedContext
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """This rank's shards of the L2-normalised features and labels of ``data_path/train`` and ``data_path/val``
+    (DINO's evaluation view), on the CPU, and the number of classes; every rank extracts its own contiguous shard."""
+    transform = eval_transform(resize_size, crop_size)
+    train_set, val_set = labelled_splits(data_path, transform, transform)
+    num_classes = len(train_set.classes)
+    logger.info(f"data: {len(train_set)} train and {len(val_set)} val images, {num_classes} classes; "
+                f"{context.world_size} process(es), each extracting its own shard of both")
+
+    def extract(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        return extract_dataset_features(model, shard(dataset, context.rank, context.world_size),
+                                        model.feature_dim, batch_size, num_workers, context.device)
+
+    return (*extract(train_set), *extract(val_set), num_classes)
 
 
 def extract_dataset_features(model: nn.Module, dataset: Dataset, feature_dim: int, batch_size: int,
