@@ -9,6 +9,8 @@ a complete one is never rewritten, so the runs cached on it stay valid.
 - ``digits``: scikit-learn's bundled handwritten digits (1797 real 8x8 grey scans, 10 classes), upscaled bicubically
   to 32 px RGB, 30 % of every class as val;
 - ``photos``: random square crops of the photos bundled with scikit-image, class = photo, split as the digits;
+- ``scenes``: random square crops of the regions of the two photos bundled with scikit-learn (a Chinese temple, a
+  flower), class = region (3 x 4 per photo): a third real set, of other photos and a finer task than ``photos``;
 - any image folder of one's own (:func:`prepare_image_folder`; class folders, with or without train/ and val/).
 """
 from __future__ import annotations
@@ -40,6 +42,13 @@ PHOTO_NAMES = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coff
 PHOTO_CROPS_PER_PHOTO = 120
 PHOTO_CROP_SIDE = (0.15, 0.4)  # of the photo's shorter side, uniform
 PHOTO_IMAGE_SIZE = 64
+
+# scikit-learn's two bundled photos (427 x 640), each cut into a grid of regions; a class is one region, an image a
+# random square crop inside it.
+SCENE_PHOTOS = ("china.jpg", "flower.jpg")
+SCENE_GRID = (3, 4)  # rows, columns
+SCENE_CROPS_PER_REGION = 50
+SCENE_CROP_SIDE = (0.5, 1.0)  # of the region's shorter side, uniform
 
 # What write_data_set writes: split -> (class, file name, write(path)) per image.
 Splits = dict[str, list[tuple[str, str, Callable[[Path], None]]]]
@@ -194,6 +203,46 @@ def prepare_photos(data_dir: Path) -> DataSet:
                    f"class = photo")
 
 
+def prepare_scenes(data_dir: Path) -> DataSet:
+    """Random square crops of the regions of scikit-learn's two bundled photos, class = region, split as the
+    digits; written under ``data_dir`` like every set (the images stay out of the repository)."""
+    from sklearn.datasets import load_sample_image
+
+    root = data_dir / "scenes"
+    rows, columns = SCENE_GRID
+    if not is_complete(root):
+        generator = np.random.default_rng(SPLIT_SEED)
+        photos = {name: Image.fromarray(load_sample_image(name)).convert("RGB") for name in SCENE_PHOTOS}
+        boxes, labels = [], []  # (photo, left, top, side), region name
+        for name, picture in photos.items():
+            width, height = picture.size
+            region_width, region_height = width / columns, height / rows
+            for row in range(rows):
+                for column in range(columns):
+                    for _ in range(SCENE_CROPS_PER_REGION):
+                        side = int(generator.uniform(*SCENE_CROP_SIDE) * min(region_width, region_height))
+                        centre_x = (column + generator.uniform()) * region_width
+                        centre_y = (row + generator.uniform()) * region_height
+                        left = int(np.clip(centre_x - side / 2, 0, width - side))
+                        top = int(np.clip(centre_y - side / 2, 0, height - side))
+                        boxes.append((name, left, top, side))
+                        labels.append(f"{name.split('.')[0]}_r{row}c{column}")
+
+        def crop(index: int) -> Image.Image:
+            name, left, top, side = boxes[index]
+            return photos[name].crop((left, top, left + side, top + side)).resize(
+                (PHOTO_IMAGE_SIZE, PHOTO_IMAGE_SIZE), Image.BICUBIC)
+
+        write_data_set(root, pngs(split_three_ways(list(range(len(boxes))), labels), labels, crop),
+                       {"source": "sklearn.datasets.load_sample_image", "photos": list(SCENE_PHOTOS),
+                        "grid": list(SCENE_GRID), "crops_per_region": SCENE_CROPS_PER_REGION,
+                        "crop_side": list(SCENE_CROP_SIDE), "val_fraction": VAL_FRACTION,
+                        "holdout_fraction": HOLDOUT_FRACTION, "seed": SPLIT_SEED, "image_size": PHOTO_IMAGE_SIZE})
+    return DataSet("scenes", root, f"random crops ({SCENE_CROP_SIDE[0]:g}-{SCENE_CROP_SIDE[1]:g} of a region's shorter "
+                   f"side, resized to {PHOTO_IMAGE_SIZE} px) of the {rows} x {columns} regions of scikit-learn's two "
+                   f"bundled photos, class = region ({rows * columns * len(SCENE_PHOTOS)} classes)")
+
+
 # The bundled sets by name, each prepared under a data folder.
 DATA_SETS: dict[str, Callable[[Path], DataSet]] = {"demo": prepare_demo, "digits": prepare_digits,
-                                                   "photos": prepare_photos}
+                                                   "photos": prepare_photos, "scenes": prepare_scenes}

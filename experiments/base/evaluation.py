@@ -86,6 +86,23 @@ def linear_probe(checkpoint: Path, knn_root: Path, output_dir: Path, lr: float, 
     return results["history"][-1]["test_acc1"]
 
 
+PROBE_EPOCHS = 30  # the grid probes' epochs on these small sets (cached features: the evaluation view, no augmentation)
+
+
+def probe(checkpoint: Path, knn_root: Path, output_dir: Path, kind: str = "linear", epochs: int = PROBE_EPOCHS,
+          batch_size: int = 128) -> dict[str, Any]:
+    """eval_linear.py's probe of ``kind`` (linear, attentive, cross_attention) over its learning-rate grid (the
+    DINO-style SGD recipe), chosen on a held-out tenth of ``knn_root/train``: top-1 (%) on ``knn_root/val`` of the
+    chosen classifier, its learning rate, and the best of the grid on val (what choosing on val would report)."""
+    results = eval_linear.main(["--pretrained_weights", str(checkpoint), "--data_path", str(knn_root), "--probe", kind,
+                                "--recipe", "dino", "--epochs", str(epochs), "--train_augmentation", "false",
+                                "--resize_size", str(RESIZE_SIZE), "--crop_size", str(CROP_SIZE),
+                                "--output_dir", str(output_dir), "--batch_size_per_gpu", str(batch_size),
+                                "--num_workers", "0"])
+    return {"top1": results["chosen"]["val_acc1"], "lr": results["chosen"]["lr"],
+            "best_on_val": max(point["val_acc1"] for point in results["grid"])}
+
+
 def knn_run(data_set: DataSet, config: Configuration, seed: int, epochs: int, run_dir: Path, per_slot: bool = False,
             statistics_at_init: bool = False, keep_checkpoint: bool = False) -> dict[str, Any]:
     """Trains ``config`` on ``data_set`` and k-NN-evaluates its teacher on both evaluated splits, cached in
