@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from dino_sparo.cli import block_count_or_all, bool_flag, ensure_writable_dir, positive_int
+from dino_sparo.cli import (
+    BARE_IS_TRUE,
+    ArgumentParser,
+    block_count_or_all,
+    bool_flag,
+    ensure_writable_dir,
+    positive_int,
+)
 from dino_sparo.distributed import resolve_device
 from dino_sparo.errors import UserError, run_cli
 from dino_sparo.models import ARCHS, READOUTS
@@ -43,15 +50,16 @@ COLUMNS = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("dino_sparo benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser("python -m benchmarks.run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--bench", nargs="+", choices=BENCHES, default=list(DEFAULT_BENCHES),
                         help="benchmarks to run")
-    parser.add_argument("--baseline", type=bool_flag, default=True,
+    parser.add_argument("--baseline", type=bool_flag, **BARE_IS_TRUE, default=True,
                         help="also run the reference-style baseline (fp16 + GradScaler on a GPU, fp32 on a CPU, as "
                         "the reference trains by default; explicit attention, Python-loop EMA, per-step sync, PIL "
                         "per-crop augmentation, reference k-NN loop) and report fast/baseline ratios measured in "
                         "this run")
-    parser.add_argument("--fast", type=bool_flag, default=True, help="run this project's default fast paths")
+    parser.add_argument("--fast", type=bool_flag, **BARE_IS_TRUE, default=True,
+                        help="run this project's default fast paths")
     parser.add_argument("--json", default="benchmark_results.json",
                         help="where to write all rows and the machine (rewritten after every group of rows)")
 
@@ -61,9 +69,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["auto"],
                        help="precisions of the fast path (the baseline's is the reference's: fp16 on a GPU, fp32 on "
                        "a CPU); auto = what training uses")
-    group.add_argument("--compile", action="store_true",
+    group.add_argument("--compile", type=bool_flag, **BARE_IS_TRUE, default=False,
                        help="also time the fast path with each transformer block compiled (as main_dino.py --compile)")
-    group.add_argument("--profile", action="store_true",
+    group.add_argument("--profile", type=bool_flag, **BARE_IS_TRUE, default=False,
                        help="print a torch.profiler table of each fast step by category (ms per step)")
     group.add_argument("--batch_size", type=positive_int, default=4, help="images per step")
     group.add_argument("--local_crops_number", type=int, default=4, help="local crops per image (plus 2 global)")

@@ -30,8 +30,9 @@ def swiglu_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def ours(arch: str, depth: int, path, **flags) -> torch.nn.Module:
-    model = backbone_of(**{"arch": arch, "depth": depth, "readout": "cls", "pos_embed_interpolation": "timm",
-                            **flags}).eval()
+    # timm resamples DINOv2's position embeddings its own way; DINOv3's have none (RoPE)
+    resampling = {} if arch.startswith("dinov3") else {"pos_embed_interpolation": "timm"}
+    model = backbone_of(arch=arch, depth=depth, readout="cls", **resampling, **flags).eval()
     load_pretrained_weights(model, path, checkpoint_key=None, strict=True, verbose=False)
     return model
 
@@ -205,3 +206,14 @@ def test_sparo_retrofits_onto_frozen_official_blocks(tmp_path, capsys, arch, tim
     checkpoint = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
     assert set(checkpoint["teacher"]) == set(result.teacher.state_dict())
     assert checkpoint["args"]["arch"] == arch and checkpoint["args"]["num_registers"] == 4
+
+
+def test_resampling_flags_do_not_apply_to_dinov3_but_older_saved_args_with_them_still_read():
+    from dino_sparo.models import ModelConfig
+
+    with pytest.raises(UserError, match="--pos_embed_interpolation does not apply to dinov3_vits16") as error:
+        ModelConfig.resolve({"arch": "dinov3_vits16", "pos_embed_interpolation": "timm"})
+    assert "\n" not in str(error.value)
+    saved = ModelConfig.resolve({}, saved={"arch": "dinov3_vits16", "pos_embed_interpolation": "dino"})
+    assert saved.pos_embed_interpolation is None and "pos_embed_interpolation" not in saved.model_kwargs()
+    assert ModelConfig.resolve({"arch": "dinov2_vits14"}).pos_embed_interpolation == "dino"

@@ -51,7 +51,7 @@ class ModelConfig:
     readout_replace_blocks: int
     num_registers: int
     readout_sees_registers: bool
-    pos_embed_interpolation: str
+    pos_embed_interpolation: str | None  # None for archs without absolute position embeddings (DINOv3's RoPE)
     options: tuple[tuple[str, Any], ...]
 
     @classmethod
@@ -73,8 +73,13 @@ class ModelConfig:
             raise UserError(f"unknown arch {arch!r}; choose from {', '.join([*ARCHS, *ARCH_ALIASES])}")
         spec = ARCHS[arch]
         values["arch"] = arch
+        if not spec.absolute_positions:
+            if given.get("pos_embed_interpolation") is not None:
+                raise UserError(f"--pos_embed_interpolation does not apply to {arch}: it has no absolute position "
+                                f"embeddings to resample (RoPE)")
+            values["pos_embed_interpolation"] = None  # what older checkpoints saved for it means nothing here
         for name, default in {**BACKBONE_DEFAULTS, **spec.flag_defaults()}.items():
-            if values[name] is None:
+            if values[name] is None and (name != "pos_embed_interpolation" or spec.absolute_positions):
                 values[name] = default
         if values["readout"] not in READOUTS:
             raise UserError(f"unknown read-out {values['readout']!r}; choose from {', '.join(READOUTS)}")
@@ -124,8 +129,10 @@ class ModelConfig:
         """The backbone constructor's arguments besides the arch's fixed ones and the drop-path rate."""
         own = {option.flag for option in READOUTS[self.readout].options if option.role in (ARCHITECTURE,
                                                                                             INITIALISATION)}
-        return {**{name: getattr(self, name) for name in BACKBONE_FLAGS[1:]},
-                **{flag: value for flag, value in self.options if flag in own}}
+        backbone = {name: getattr(self, name) for name in BACKBONE_FLAGS[1:]}
+        if not self.spec.absolute_positions:
+            del backbone["pos_embed_interpolation"]
+        return {**backbone, **{flag: value for flag, value in self.options if flag in own}}
 
 
 def _default(option: Option, spec: ArchSpec) -> Any:

@@ -40,7 +40,6 @@ class DINOv3VisionTransformer(ReadoutBackbone, Eva):
         readout_replace_blocks: int | None = None,
         num_registers: int = 4,
         readout_sees_registers: bool = False,
-        pos_embed_interpolation: str = "dino",  # no absolute position embedding to resample: accepted, unused
         **readout_options: Any,
     ) -> None:
         replaced = check_backbone_args(readout, readout_options, num_registers, depth, readout_replace_blocks)
@@ -57,7 +56,6 @@ class DINOv3VisionTransformer(ReadoutBackbone, Eva):
         if num_registers:
             nn.init.trunc_normal_(self.reg_token, std=0.02)
         self.num_registers = num_registers
-        self.pos_embed_interpolation = pos_embed_interpolation
         self._rope_tables: dict[tuple[tuple[int, int], torch.device, torch.dtype], torch.Tensor] = {}
         self.attach_readout(readout, readout_options, replaced, embed_dim, num_heads, readout_sees_registers)
 

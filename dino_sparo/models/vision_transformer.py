@@ -37,6 +37,12 @@ class ArchSpec:
         return dict(embed_dim=self.embed_dim, num_heads=self.num_heads, layer_scale=self.layer_scale, mlp=self.mlp,
                     img_size=self.img_size)
 
+    @property
+    def absolute_positions(self) -> bool:
+        """Whether the arch adds absolute position embeddings (resampled for other sizes); DINOv3's rotate its
+        queries and keys instead (RoPE)."""
+        return self.family != "dinov3"
+
     def flag_defaults(self) -> dict[str, int]:
         return dict(patch_size=self.patch_size, depth=self.depth, num_registers=self.num_registers)
 
