@@ -27,7 +27,7 @@ import torch
 
 from .base.data import DATA_SETS, DataSet
 from .base.evaluation import EVALUATED_SPLITS, knn_on_splits, probe
-from .base.report import binomial_sigma, cell, noise_mark, seed_values, study_command, write_report
+from .base.report import binomial_sigma, cell, noise_mark, noise_note, seed_values, study_command, write_report
 from .base.runs import DINO_CLS, cached_run, collapse, training_log, training_run
 
 SOURCE_EPOCHS = 10
@@ -145,9 +145,7 @@ def table(data_set: DataSet, records: dict[str, list[dict[str, Any]]], found: di
                                                               binomial_sigma(float(np.mean(reference)), n[split]))
                 row.append(cell(values) + mark)
         lines.append("| " + " | ".join(row) + " |")
-    sigma = ", ".join(f"{split} {binomial_sigma(float(np.mean(seed_values(source, split, 'k20'))), n[split]):.1f}"
-                      for split in EVALUATED_SPLITS)
-    return "\n".join(lines) + f"\n\nBinomial std at the source's k=20 top-1: {sigma} points."
+    return "\n".join(lines) + "\n\n" + noise_note(source, n, "the source's")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

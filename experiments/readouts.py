@@ -32,7 +32,7 @@ from dino_sparo.utils.files import write_json_atomic
 
 from .base.data import DataSet, prepare_digits, prepare_photos
 from .base.evaluation import EVALUATED_SPLITS, KNN_KS, knn_on_splits, probe, slot_statistics, teacher_backbone
-from .base.report import binomial_sigma, cell, noise_mark, seed_values, study_command, write_report
+from .base.report import binomial_sigma, cell, noise_mark, noise_note, seed_values, study_command, write_report
 from .base.runs import DINO_CLS, Configuration, cached_run, collapse, training_run
 
 PROBES = ("linear", "attentive")
@@ -154,10 +154,8 @@ def table(data_set: DataSet, epochs: int, records: dict[str, list[dict[str, Any]
                     for metric in ("k10", "k20", *PROBES)]
         row += [cell(seed_values(runs, "val", key), 3) for key in ("slot_peakedness", "slot_pairwise_similarity")]
         lines.append("| " + " | ".join(row) + " |")
-    sigma = ", ".join(
-        f"{split} {binomial_sigma(float(np.mean(seed_values(reference, split, 'k20'))), reference[0][split]['n']):.1f}"
-        for split in EVALUATED_SPLITS)
-    return "\n".join(lines) + f"\n\nBinomial std at CLS's k=20 top-1: {sigma} points."
+    sizes = {split: reference[0][split]["n"] for split in EVALUATED_SPLITS}
+    return "\n".join(lines) + "\n\n" + noise_note(reference, sizes, "CLS's")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -52,6 +52,13 @@ def seed_mean(records: Sequence[Mapping[str, Any]], split: str, metric: str) -> 
     return float(np.mean(seed_values(records, split, metric)))
 
 
+def noise_note(reference: Sequence[Mapping[str, Any]], sizes: Mapping[str, int], who: str) -> str:
+    """The binomial std, per split of ``sizes`` (split -> n), at ``reference``'s k=20 top-1 (``who`` names it)."""
+    sigmas = ", ".join(f"{split} {binomial_sigma(seed_mean(reference, split, 'k20'), n):.1f}"
+                       for split, n in sizes.items())
+    return f"Binomial std at {who} k=20 top-1: {sigmas} points."
+
+
 def study_command(study: str, argv: Sequence[str] | None) -> str:
     """The command line that ran ``experiments.<study>`` with ``argv`` (None: this process's arguments)."""
     return " ".join(["python -m", f"experiments.{study}", *(sys.argv[1:] if argv is None else argv)])
