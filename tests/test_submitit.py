@@ -1,6 +1,4 @@
 import pytest
-import torch
-from helpers import TINY, kill_tree, make_images, wait_until
 
 # The GPU machines have no submitit: skip these there instead of failing the collection.
 submitit = pytest.importorskip("submitit")
@@ -23,20 +21,3 @@ def test_checkpoint_requeues_the_same_training(tmp_path):
     assert isinstance(requeued, submitit.helpers.DelayedSubmission)
     assert isinstance(requeued.function, run_with_submitit.Trainer)
     assert requeued.function.args.output_dir == str(tmp_path / "run") and requeued.function.args.lr == 0.1
-
-
-@pytest.mark.slow
-def test_local_executor_trains_on_cpu(tmp_path):
-    data = make_images(tmp_path / "data", count=8)
-    job = run_with_submitit.main([*TINY, "--data_path", data, "--epochs", "1", "--cluster", "local", "--ngpus", "0",
-                                  "--nodes", "1", "--timeout", "10", "--cpus_per_task", "1",
-                                  "--shared_dir", str(tmp_path / "shared")])
-    try:
-        wait_until(job.done, timeout=240, interval=0.5)
-        job.result()  # raises if the job failed
-    finally:
-        kill_tree(job._process.pid)  # the local executor's controller and its task, if still running
-    output_dir = tmp_path / "shared" / str(job.job_id)  # outputs go to the job's folder under shared_dir
-    checkpoint = torch.load(output_dir / "checkpoint.pth", weights_only=True)
-    assert checkpoint["epoch"] == 1
-    assert "Epoch 0 done" in job.stdout()
