@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dino_sparo.cli import ArgumentParser, positive_int, slot_list
+from dino_sparo.cli import ArgumentParser, flag_names, positive_int, slot_list
 from dino_sparo.errors import run_cli
 from dino_sparo.eval.slot_stats import PEAKEDNESS_HELP
 from dino_sparo.models.flags import add_model_args
@@ -23,7 +23,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="checkpoint: this project's (architecture from its saved args) or DINO-format")
     parser.add_argument("--checkpoint_key", default="teacher",
                         help="sub-dict holding the weights (default: %(default)s)")
-    parser.add_argument("--images", "--image_path", nargs="+", required=True,
+    parser.add_argument(*flag_names("--images"), nargs="+", required=True,
                         help="image files and/or folders (searched recursively); --image_path is the name DINO's "
                         "visualize_attention.py uses")
     parser.add_argument("--max_images", type=positive_int, default=None, help="use at most this many images")

@@ -41,6 +41,18 @@ def bool_flag(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+# The spellings of facebookresearch/dino and its launchers that users type, each mapped to this project's, in one
+# place: flag names (torch.distributed.launch passes --local-rank; DINO's visualize_attention.py takes --image_path)
+# and arch names (DINO's deit_* are its ViTs). DINO's --use_fp16 is a flag of its own, resolved into --precision.
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {"--local_rank": ("--local-rank",), "--images": ("--image_path",)}
+ARCH_ALIASES: dict[str, str] = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
+
+
+def flag_names(flag: str) -> tuple[str, ...]:
+    """``flag`` and the reference's spellings of it (:data:`FLAG_ALIASES`), for ``add_argument``."""
+    return (flag, *FLAG_ALIASES.get(flag, ()))
+
+
 # add_argument(..., type=bool_flag, **BARE_IS_TRUE): ``--flag`` alone is ``--flag true``.
 BARE_IS_TRUE = {"nargs": "?", "const": True, "metavar": "BOOL"}
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import positive_int, slot_list
+from ..cli import flag_names, positive_int, slot_list
 from ..errors import UserError
 from ..models.config import ModelConfig
 from ..models.flags import add_model_args
@@ -30,7 +30,7 @@ def add_common_eval_args(parser: argparse.ArgumentParser, data_required: bool = 
                         "encoding (renormalised as a whole)")
     parser.add_argument("--dist_url", default="env://",
                         help="ignored, for compatibility: torchrun's environment variables set up the process group")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(*flag_names("--local_rank"), type=int, default=0, help=argparse.SUPPRESS)
     add_model_args(parser, from_checkpoint=True)
 
 

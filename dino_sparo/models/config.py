@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..cli import ARCH_ALIASES
 from ..errors import UserError
 from .backbone import replaced_blocks
 from .readouts import ARCHITECTURE, INITIALISATION, READOUTS, Option
@@ -27,8 +28,6 @@ BACKBONE_DEFAULTS: dict[str, Any] = {"arch": "vit_small", "readout": "sparo", "r
 READOUT_OPTIONS: dict[str, Option] = {option.flag: option for readout in READOUTS.values()
                                       for option in readout.options}
 MODEL_FLAGS = BACKBONE_FLAGS + tuple(READOUT_OPTIONS)
-# facebookresearch/dino renames these to the ViTs they are.
-ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
 
 
 def canonical_arch(arch: str | None) -> str:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..cli import BARE_IS_TRUE, bool_flag, non_negative_int, positive_int
-from .config import ARCH_ALIASES, BACKBONE_DEFAULTS, canonical_arch
+from ..cli import ARCH_ALIASES, BARE_IS_TRUE, bool_flag, non_negative_int, positive_int
+from .config import BACKBONE_DEFAULTS, canonical_arch
 from .readouts import ARCHITECTURE, READOUTS
 from .vision_transformer import ARCHS, POS_EMBED_INTERPOLATIONS
 

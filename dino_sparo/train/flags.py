@@ -10,6 +10,7 @@ from ..cli import (
     HelpFormatter,
     block_count_or_all,
     bool_flag,
+    flag_names,
     non_negative_int,
     positive_int,
 )
@@ -135,7 +136,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--dist_timeout", type=float, default=None,
                        help="seconds a collective waits for the other processes before the job ends with an error "
                        "naming the likely cause (default: torch's, 30 min for gloo, 10 min for NCCL)")
-    group.add_argument("--local_rank", "--local-rank", type=int, default=0,
+    group.add_argument(*flag_names("--local_rank"), type=int, default=0,
                        help="set by legacy launchers; torchrun's LOCAL_RANK variable takes precedence")
 
     group = parser.add_argument_group("end-of-training k-NN and the built-in demo")
