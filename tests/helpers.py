@@ -198,12 +198,15 @@ class GlooPair:
 def _run_rank(function: Callable[..., Any], rank: int, port: int, args: tuple) -> Any:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # the variables torchrun sets, for code that joins the group through dino_sparo.distributed (it reuses this one)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         return function(rank, 2, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # the entry points destroy the group they used on their way out
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- released weights, written with random values

@@ -3,13 +3,11 @@
 import json
 import math
 import os
-import time
 from functools import partial
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import balanced, free_port, make_image_folder, one_line_error, spread, write_main_dino_checkpoint
+from helpers import balanced, make_image_folder, one_line_error, spread, write_main_dino_checkpoint
 
 import eval_linear
 from dino_sparo.errors import run_cli
@@ -297,18 +295,15 @@ def test_grid_bad_inputs_are_one_line_errors(data_and_checkpoint, tmp_path, caps
     assert (tmp_path / "out" / "checkpoint.pth.tar").read_bytes() == written  # nothing already written lost
 
 
-def _two_process_worker(rank: int, world_size: int, runs: list[tuple[str, int, list[str]]], queue) -> None:
-    """One of two gloo processes (the environment torchrun would set): runs eval_linear.main for each run."""
+def _probe_results(rank: int, world_size: int, argv: list[str]) -> dict:
+    """One of two gloo processes: eval_linear.main, as torchrun would run it."""
     torch.set_num_threads(1)
-    for name, port, argv in runs:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                          WORLD_SIZE=str(world_size))
-        results = eval_linear.main(argv)
-        queue.put((rank, name, {key: results[key] for key in ("grid", "chosen", "val")}))
+    results = eval_linear.main(argv)
+    return {key: results[key] for key in ("grid", "chosen", "val")}
 
 
 @pytest.mark.slow
-def test_attentive_probes_under_two_gloo_processes(data_and_checkpoint, tmp_path):
+def test_attentive_probes_under_two_gloo_processes(data_and_checkpoint, tmp_path, gloo_pair):
     """Two processes of 8 images per batch train the grid one process of 16 does (the same batches, gradients
     averaged by DDP, inputs extracted and cached by shards); Efficient Probing, whose BatchNorm sees each process's
     batch, runs and both processes report the same choice."""
@@ -316,25 +311,12 @@ def test_attentive_probes_under_two_gloo_processes(data_and_checkpoint, tmp_path
     base = ["--pretrained_weights", checkpoint, "--data_path", data, *GRID[:-2], "--epochs", "2"]
     cross = ["--probe", "cross_attention", "--train_augmentation", "false", "--learning_rates", "0.05", "0.5"]
     attentive = ["--probe", "attentive", "--probe_queries", "4"]
-    runs = [("cross", free_port(), [*base, *cross, "--batch_size_per_gpu", "8", "--output_dir", str(tmp_path / "c2")]),
-            ("attentive", free_port(), [*base, *attentive, "--batch_size_per_gpu", "8",
-                                        "--output_dir", str(tmp_path / "a2")])]
-    context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
-    workers = mp.start_processes(_two_process_worker, args=(2, runs, queue), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 240  # a hang fails the test instead of blocking CI
-    try:
-        while not workers.join(timeout=5):
-            assert time.monotonic() < deadline, "the two probe processes did not finish within 240 s"
-    finally:
-        for process in workers.processes:
-            if process.is_alive():
-                process.kill()
+    runs = {"cross": [*base, *cross, "--batch_size_per_gpu", "8", "--output_dir", str(tmp_path / "c2")],
+            "attentive": [*base, *attentive, "--batch_size_per_gpu", "8", "--output_dir", str(tmp_path / "a2")]}
     reported = {}
-    for _ in range(4):
-        rank, name, results = queue.get()
-        reported[rank, name] = results
+    for name, argv in runs.items():
+        for rank, results in enumerate(gloo_pair.run(_probe_results, argv, timeout=240)):
+            reported[rank, name] = results
     for name in ("cross", "attentive"):
         assert reported[0, name] == reported[1, name]
     single = eval_linear.main([*base, *cross, "--batch_size_per_gpu", "16", "--output_dir", str(tmp_path / "c1")])

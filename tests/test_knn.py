@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.processes import free_port
 from dino_sparo.eval.knn import knn_classifier
 
 
@@ -61,11 +60,7 @@ def test_knn_matches_brute_force(num_test):
 
 # --- sharded k-NN (the train bank split across processes, partial top-k lists merged) ---
 
-import os  # noqa: E402
-import time  # noqa: E402
 
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from dino_sparo.distributed import shard_bounds  # noqa: E402
 from dino_sparo.eval.knn import sharded_knn  # noqa: E402
@@ -92,39 +87,22 @@ def test_sharded_knn_in_one_process_equals_knn_classifier(num_test):
         assert results[k] == pytest.approx(knn_classifier(train, train_labels, test, test_labels, k, 0.07, 10))
 
 
-def _sharded_worker(rank: int, world_size: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        for num_test in (1, 37):
-            train, train_labels, test, test_labels = _random_problem(151, num_test)
-            a, b = shard_bounds(len(train), rank, world_size)
-            c, d = shard_bounds(len(test), rank, world_size)
-            results = sharded_knn(train[a:b], train_labels[a:b], test[c:d], test_labels[c:d], KS, 0.07, 10,
-                                  max_similarities=76 * 5)
-            queue.put((rank, num_test, results))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_processes_give_the_same_accuracy_as_one():
-    # With one test image, rank 1 holds no test feature at all; with 151 train images the shards are uneven.
-    context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
-    workers = mp.start_processes(_sharded_worker, args=(2, free_port(), queue), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 180  # a hang fails the test instead of blocking CI
-    try:
-        while not workers.join(timeout=5):
-            assert time.monotonic() < deadline, "the two k-NN processes did not finish within 180 s"
-    finally:
-        for process in workers.processes:
-            if process.is_alive():
-                process.kill()
+def _sharded_results(rank: int, world_size: int) -> dict:
+    """One of two gloo processes: each problem's k-NN with this rank's shards of train and test."""
     results = {}
-    for _ in range(4):
-        rank, num_test, result = queue.get()
-        results[rank, num_test] = result
+    for num_test in (1, 37):
+        train, train_labels, test, test_labels = _random_problem(151, num_test)
+        a, b = shard_bounds(len(train), rank, world_size)
+        c, d = shard_bounds(len(test), rank, world_size)
+        results[num_test] = sharded_knn(train[a:b], train_labels[a:b], test[c:d], test_labels[c:d], KS, 0.07, 10,
+                                        max_similarities=76 * 5)
+    return results
+
+
+def test_two_processes_give_the_same_accuracy_as_one(gloo_pair):
+    # With one test image, rank 1 holds no test feature at all; with 151 train images the shards are uneven.
+    by_rank = gloo_pair.run(_sharded_results)
+    results = {(rank, num_test): result for rank, ranked in enumerate(by_rank) for num_test, result in ranked.items()}
     for num_test in (1, 37):
         train, train_labels, test, test_labels = _random_problem(151, num_test)
         for k in KS:
