@@ -15,9 +15,9 @@ from dino_sparo.cli import BARE_IS_TRUE, ArgumentParser, bool_flag, positive_int
 from dino_sparo.errors import run_cli
 from dino_sparo.eval.flags import add_common_eval_args
 from dino_sparo.eval.linear import evaluate_linear
-from dino_sparo.eval.probe_heads import PROBES
-from dino_sparo.eval.probe_inputs import FeatureSet
-from dino_sparo.eval.probe_recipes import RECIPES
+from dino_sparo.eval.probes.heads import PROBES
+from dino_sparo.eval.probes.inputs import FeatureSet
+from dino_sparo.eval.probes.recipes import RECIPES
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -11,10 +11,11 @@ from helpers import balanced, make_image_folder, one_line_error, spread, write_m
 
 import eval_linear
 from dino_sparo.errors import run_cli
-from dino_sparo.eval import linear, probe_train
-from dino_sparo.eval.probe_heads import LinearClassifier
-from dino_sparo.eval.probe_inputs import ProbeFeatures
-from dino_sparo.eval.probe_recipes import DINOV2_LEARNING_RATES as DINOV2_GRID
+from dino_sparo.eval import linear
+from dino_sparo.eval.probes import train as probe_train
+from dino_sparo.eval.probes.heads import LinearClassifier
+from dino_sparo.eval.probes.inputs import ProbeFeatures
+from dino_sparo.eval.probes.recipes import DINOV2_LEARNING_RATES as DINOV2_GRID
 from dino_sparo.models import vit_tiny
 
 run_error = partial(one_line_error, eval_linear.main)  # its one-line error, after checking status 2

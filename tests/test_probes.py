@@ -9,13 +9,13 @@ from helpers import TINY_MODEL, backbone_of
 
 from dino_sparo.distributed import DistributedContext
 from dino_sparo.errors import UserError
-from dino_sparo.eval.holdout import holdout_size, split_holdout
-from dino_sparo.eval.probe_batches import CachedBatches
-from dino_sparo.eval.probe_grid import GridPoint, ProbeGrid, choose
-from dino_sparo.eval.probe_heads import CrossAttentionProbe, EfficientProbe, build_head
-from dino_sparo.eval.probe_inputs import FeatureSet, LinearInputs, ProbeFeatures, ProbeTokens
-from dino_sparo.eval.probe_recipes import RECIPES, build_optimizer, lr_factor
-from dino_sparo.eval.probe_train import score, train_epoch
+from dino_sparo.eval.probes.batches import CachedBatches
+from dino_sparo.eval.probes.grid import GridPoint, ProbeGrid, choose
+from dino_sparo.eval.probes.heads import CrossAttentionProbe, EfficientProbe, build_head
+from dino_sparo.eval.probes.holdout import holdout_size, split_holdout
+from dino_sparo.eval.probes.inputs import FeatureSet, LinearInputs, ProbeFeatures, ProbeTokens
+from dino_sparo.eval.probes.recipes import RECIPES, build_optimizer, lr_factor
+from dino_sparo.eval.probes.train import score, train_epoch
 
 
 def test_efficient_probe_keeps_only_the_value_projection_and_matches_a_loop():

@@ -3,6 +3,7 @@ run with ``--lr``) for CLS and SPARO encodings, and the dispatch to the probe gr
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any
 
@@ -19,13 +20,16 @@ from ..data.datasets import labelled_splits, ordered_loader, shard
 from ..data.transforms import eval_transform, linear_train_transform
 from ..distributed import DistributedContext
 from ..errors import UserError
+from ..logger import setup_logging
 from ..models.backbone import ReadoutBackbone
 from ..models.factory import build_pretrained_backbone
 from ..utils.files import append_json_line
 from .flags import check_eval_args
-from .probe_heads import LinearClassifier
-from .probe_inputs import ProbeFeatures, build_probe_inputs
-from .probe_train import run_probe_grid
+from .probes.heads import LinearClassifier
+from .probes.inputs import ProbeFeatures, build_probe_inputs
+from .probes.train import run_probe_grid
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 
@@ -87,7 +91,7 @@ def _is_grid_checkpoint(path: str) -> bool:
 def evaluate_linear(args: argparse.Namespace) -> dict[str, Any]:
     """Trains (or with ``--evaluate`` only validates) the probe ``args`` describe; returns the results: DINO's
     single linear classifier with ``--lr`` (and the linear probe), else the probe grid of
-    :func:`~dino_sparo.eval.probe_train.run_probe_grid`."""
+    :func:`~dino_sparo.eval.probes.train.run_probe_grid`."""
     check_probe_args(args)
     if args.evaluate:
         grid = _is_grid_checkpoint(args.linear_weights)
@@ -97,6 +101,7 @@ def evaluate_linear(args: argparse.Namespace) -> dict[str, Any]:
         grid = args.probe != "linear" or args.lr is None
         ensure_writable_dir(args.output_dir)
     context = distributed.init_distributed()
+    setup_logging(context.rank)
     try:
         return run_probe_grid(args, context) if grid else _run(args, context)
     finally:
@@ -104,7 +109,6 @@ def evaluate_linear(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any]:
-    log = print if context.is_main else (lambda *a, **k: None)
     backbone, config = build_pretrained_backbone(args.pretrained_weights, args.checkpoint_key, vars(args),
                                                  verbose=context.is_main)
     check_eval_args(args, config)
@@ -115,8 +119,8 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any
     num_labels = args.num_labels if args.num_labels is not None else len(train_set.classes)
     if num_labels < len(train_set.classes):
         raise UserError(f"--num_labels {num_labels} is smaller than the {len(train_set.classes)} classes of train/")
-    log(f"linear probe on {features.describe()}; {len(train_set)} train and {len(val_set)} val images, "
-        f"{num_labels} labels, {context.world_size} process(es)")
+    logger.info(f"linear probe on {features.describe()}; {len(train_set)} train and {len(val_set)} val images, "
+                f"{num_labels} labels, {context.world_size} process(es)")
 
     torch.manual_seed(args.seed)  # the same classifier initialisation on every rank and every run
     classifier = LinearClassifier(features.feature_dim, num_labels).to(context.device)
@@ -125,8 +129,8 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any
     if args.evaluate:
         _load_classifier(classifier, args.linear_weights, features.describe())
         stats = validate(features, classifier, val_loader, context.device)
-        log(f"Accuracy of the network on the {len(val_set)} test images: {stats['acc1']:.1f}% "
-            f"(top-5 {stats['acc5']:.1f}%)")
+        logger.info(f"Accuracy of the network on the {len(val_set)} test images: {stats['acc1']:.1f}% "
+                    f"(top-5 {stats['acc5']:.1f}%)")
         return {"val": stats}
 
     ddp_classifier = classifier
@@ -137,7 +141,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any
     optimizer = torch.optim.SGD(classifier.parameters(), lr, momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
     checkpoint_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
-    start_epoch, best_acc = _resume(checkpoint_path, classifier, optimizer, scheduler, features.describe(), log)
+    start_epoch, best_acc = _resume(checkpoint_path, classifier, optimizer, scheduler, features.describe())
 
     sampler = DistributedSampler(train_set, num_replicas=context.world_size, rank=context.rank, shuffle=True,
                                  seed=args.seed)
@@ -161,15 +165,15 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any
             message += f"; val acc@1 {val_stats['acc1']:.2f}, acc@5 {val_stats['acc5']:.2f} (best {best_acc:.2f})"
         record["best_acc"] = best_acc
         history.append(record)
-        log(message, flush=True)
+        logger.info(message)
         if context.is_main:
             save_atomic({"epoch": epoch + 1, "state_dict": classifier.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "best_acc": best_acc, "feature_dim": features.feature_dim,
                          "features": features.describe()}, checkpoint_path)
             append_json_line(os.path.join(args.output_dir, "log.txt"), record)
-    log(f"Training of the supervised linear classifier on frozen features completed.\n"
-        f"Top-1 test accuracy: {best_acc:.1f}")
+    logger.info(f"Training of the supervised linear classifier on frozen features completed.\n"
+                f"Top-1 test accuracy: {best_acc:.1f}")
     return {"best_acc": best_acc, "history": history, "start_epoch": start_epoch, "features": features.describe()}
 
 
@@ -236,7 +240,7 @@ def _load_classifier(classifier: LinearClassifier, path: str, features: str) -> 
 
 
 def _resume(path: str, classifier: LinearClassifier, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler, features: str, log) -> tuple[int, float]:
+            scheduler: torch.optim.lr_scheduler.LRScheduler, features: str) -> tuple[int, float]:
     """(first epoch to run, best accuracy so far) from ``path`` if it exists, else (0, 0)."""
     if not os.path.isfile(path):
         return 0, 0.0
@@ -247,5 +251,5 @@ def _resume(path: str, classifier: LinearClassifier, optimizer: torch.optim.Opti
                         f"{saved_epochs}, or choose another --output_dir")
     restore_state(checkpoint, path, state_dict=classifier, optimizer=optimizer, scheduler=scheduler)
     epoch, best_acc = int(checkpoint.get("epoch", 0)), float(checkpoint.get("best_acc", 0.0))
-    log(f"resumed from {path}: epoch {epoch} done, best top-1 so far {best_acc:.2f}", flush=True)
+    logger.info(f"resumed from {path}: epoch {epoch} done, best top-1 so far {best_acc:.2f}")
     return epoch, best_acc

@@ -41,7 +41,7 @@ def per_slot_report(args: argparse.Namespace, context: DistributedContext, model
     if args.data_path:
         stats = _slot_statistics(model, args, context.device)
         logger.info(f"slot statistics on {stats.images} val images: " + ", ".join(
-            f"{name} {value:.3f}" for name, value in stats.summary().items()) + f" ({PEAKEDNESS_HELP})")
+                    f"{name} {value:.3f}" for name, value in stats.summary().items()) + f" ({PEAKEDNESS_HELP})")
         report["statistics"] = {"images": stats.images, **stats.summary()}
         by_slot = {row["slot"]: row for row in stats.per_slot()}
         for row in report["slots"]:

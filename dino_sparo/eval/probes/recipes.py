@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..optim import LARS
+from ...optim import LARS
 
 # DINOv2's linear-evaluation grid (its eval/linear.py: 1e-5 ... 0.1), extended by 0.2 and 0.5 for features whose
 # scale needs larger rates; each is for a total batch of 256, scaled linearly with the total batch.

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..data.datasets import ordered_loader, shard
-from ..distributed import DistributedContext, shard_bounds
+from ...data.datasets import ordered_loader, shard
+from ...distributed import DistributedContext, shard_bounds
 
 Batch = tuple[list[torch.Tensor], torch.Tensor]  # the inputs (one tensor per input set) and the labels
 
@@ -49,7 +49,7 @@ class ImageBatches:
 
 
 class CachedBatches:
-    """Batches of rows of inputs extracted once (:mod:`~dino_sparo.eval.feature_cache`): ``train`` holds the
+    """Batches of rows of inputs extracted once (:mod:`~dino_sparo.eval.probes.cache`): ``train`` holds the
     training set's, ``evaluation_sets`` the held-out and val sets', every process all of them."""
 
     def __init__(self, train: tuple[Sequence[torch.Tensor], torch.Tensor],

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..models.backbone import ReadoutBackbone
-from .slots import check_slots, slot_layout
+from ...errors import UserError
+from ...models.backbone import ReadoutBackbone
+from ..slots import check_slots, slot_layout
 
 
 class ProbeFeatures(nn.Module):

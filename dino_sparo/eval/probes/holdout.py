@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
+from ...errors import UserError
 
 
 def holdout_size(val_split: float, num_images: int) -> int:

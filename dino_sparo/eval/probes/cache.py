@@ -4,6 +4,7 @@ once per image, and a resumed run not at all."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -12,10 +13,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .. import distributed
-from ..checkpoint import read_checkpoint, save_atomic
-from ..data.datasets import ordered_loader, shard
-from ..distributed import DistributedContext
+from ... import distributed
+from ...checkpoint import read_checkpoint, save_atomic
+from ...data.datasets import ordered_loader, shard
+from ...distributed import DistributedContext
+
+logger = logging.getLogger(__name__)
 
 
 def image_set_digest(dataset: Dataset) -> str:
@@ -46,19 +49,19 @@ def extract_inputs(inputs: nn.Module, dataset: Dataset, batch_size: int, num_wor
     return [distributed.all_gather_rows(f) for f in features], distributed.all_gather_rows(torch.cat(labels))
 
 
-def cached_inputs(path: str, key: dict[str, Any], extract: Callable[[], tuple[list[torch.Tensor], torch.Tensor]],
-                  log: Callable[..., None]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def cached_inputs(path: str, key: dict[str, Any], extract: Callable[[], tuple[list[torch.Tensor], torch.Tensor]]
+                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The inputs and labels cached in ``path`` if it was written for ``key``, else ``extract()`` (a collective:
     every process calls it), written to ``path`` by the main process. Every process takes the same branch."""
     cached = read_checkpoint(path) if os.path.isfile(path) else None
     hit = isinstance(cached, dict) and cached.get("key") == key
     if not distributed.any_rank(not hit):
-        log(f"probe inputs read from {path}", flush=True)
+        logger.info(f"probe inputs read from {path}")
         return list(cached["features"]), cached["labels"]
     features, labels = extract()
     if distributed.get_rank() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_atomic({"key": key, "features": features, "labels": labels}, path)
-        log(f"probe inputs of {len(labels)} images extracted and cached in {path}", flush=True)
+        logger.info(f"probe inputs of {len(labels)} images extracted and cached in {path}")
     return features, labels
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,22 +17,24 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
-from .. import distributed
-from ..checkpoint import read_checkpoint, restore_state, save_atomic
-from ..data.datasets import ImageDataset, labelled_splits, ordered_loader, shard
-from ..data.transforms import eval_transform, linear_train_transform
-from ..distributed import DistributedContext
-from ..errors import UserError
-from ..models.factory import build_pretrained_backbone
-from ..utils.files import append_json_line, write_json_atomic
-from .feature_cache import cached_inputs, extract_inputs, image_set_digest
-from .flags import check_eval_args
+from ... import distributed
+from ...checkpoint import read_checkpoint, restore_state, save_atomic
+from ...data.datasets import ImageDataset, labelled_splits, ordered_loader, shard
+from ...data.transforms import eval_transform, linear_train_transform
+from ...distributed import DistributedContext
+from ...errors import UserError
+from ...models.factory import build_pretrained_backbone
+from ...utils.files import append_json_line, write_json_atomic
+from ..flags import check_eval_args
+from .batches import Batch, CachedBatches, ImageBatches
+from .cache import cached_inputs, extract_inputs, image_set_digest
+from .grid import GridPoint, GridScores, ProbeGrid, Scores, choose, grid_loss
+from .heads import build_head
 from .holdout import holdout_size, split_holdout
-from .probe_batches import Batch, CachedBatches, ImageBatches
-from .probe_grid import GridPoint, GridScores, ProbeGrid, Scores, choose, grid_loss
-from .probe_heads import build_head
-from .probe_inputs import LinearInputs, ProbeTokens, build_probe_inputs
-from .probe_recipes import RECIPES, Recipe, build_optimizer, default_recipe, lr_factor
+from .inputs import LinearInputs, ProbeTokens, build_probe_inputs
+from .recipes import RECIPES, Recipe, build_optimizer, default_recipe, lr_factor
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 RESULTS_NAME = "probe_results.json"
@@ -61,25 +64,25 @@ class GridRun:
 
 def run_probe_grid(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any]:
     """Trains (or with ``--evaluate`` validates) the grid ``args`` describe; returns the results on every rank."""
-    log: Callable[..., None] = print if context.is_main else (lambda *a, **k: None)
     run = _build(args, context)
     if args.evaluate:
-        return _evaluate(args, context, run, log)
+        return _evaluate(args, context, run)
     train_set, evaluation_sets = _split(args, run)
     holdout = run.settings["holdout"]
-    log(f"{args.probe} probe on {'; '.join(run.inputs.describe())}: {len(run.points)} classifier(s) "
-        f"({len(run.inputs.dims)} input set(s) x {len(run.settings['learning_rates'])} learning rate(s)), recipe "
-        f"{run.recipe.name} ({run.recipe.optimizer}, {run.epochs} epochs, {run.warmup} warm-up); {len(train_set)} "
-        f"train, {holdout['images']} held-out (--val_split {holdout['val_split']:g}, seed {args.seed}) and "
-        f"{len(run.val_set)} val images, {run.settings['num_labels']} labels, {context.world_size} process(es)",
-        flush=True)
+    logger.info(
+        f"{args.probe} probe on {'; '.join(run.inputs.describe())}: {len(run.points)} classifier(s) "
+        f"({len(run.inputs.dims)} input set(s) x {len(run.settings['learning_rates'])} learning rate(s)), "
+        f"recipe {run.recipe.name} ({run.recipe.optimizer}, {run.epochs} epochs, {run.warmup} warm-up); "
+        f"{len(train_set)} train, {holdout['images']} held-out (--val_split {holdout['val_split']:g}, "
+        f"seed {args.seed}) and {len(run.val_set)} val images, {run.settings['num_labels']} labels, "
+        f"{context.world_size} process(es)")
     checkpoint_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
-    start_epoch, last = _resume(checkpoint_path, run, log)
+    start_epoch, last = _resume(checkpoint_path, run)
     if run.settings["train_augmentation"]:
         batches = ImageBatches(run.inputs, train_set, evaluation_sets, args.batch_size_per_gpu, args.num_workers,
                                context, args.seed)
     else:
-        batches = _cached_batches(args, context, run, train_set, evaluation_sets, log)
+        batches = _cached_batches(args, context, run, train_set, evaluation_sets)
     model = run.grid
     if distributed.is_dist_initialized():
         model = DistributedDataParallel(run.grid, device_ids=[context.device.index]
@@ -104,7 +107,7 @@ def run_probe_grid(args: argparse.Namespace, context: DistributedContext) -> dic
                 f" (input set {run.points[chosen].inputs})" if len(run.inputs.dims) > 1 else "") + (
                 f", val acc@1 {last['val'][chosen].acc1:.2f}")
         history.append(record)
-        log(message, flush=True)
+        logger.info(message)
         if context.is_main:
             save_atomic({"epoch": epoch + 1, "state_dict": run.grid.state_dict(),
                          "optimizer": run.optimizer.state_dict(), "grid": run.settings,
@@ -113,7 +116,7 @@ def run_probe_grid(args: argparse.Namespace, context: DistributedContext) -> dic
             append_json_line(os.path.join(args.output_dir, "log.txt"), record)
     if last is None:
         raise UserError(f"{checkpoint_path} records no validation to report: run again with another --output_dir")
-    results = _report(run, last, log)
+    results = _report(run, last)
     results.update(history=history, start_epoch=start_epoch)
     if context.is_main:
         write_json_atomic({k: v for k, v in results.items() if k != "history"},
@@ -172,7 +175,7 @@ def _split(args: argparse.Namespace, run: GridRun) -> tuple[Subset, dict[str, Su
 
 
 def _cached_batches(args: argparse.Namespace, context: DistributedContext, run: GridRun, train_set: Subset,
-                    evaluation_sets: dict[str, Any], log: Callable[..., None]) -> CachedBatches:
+                    evaluation_sets: dict[str, Any]) -> CachedBatches:
     """Every set's inputs, from the cache under OUTPUT_DIR/feature_cache when it holds them for these weights,
     inputs and images, else extracted once and cached there."""
     weights = os.path.abspath(args.pretrained_weights)
@@ -185,7 +188,7 @@ def _cached_batches(args: argparse.Namespace, context: DistributedContext, run: 
         key = {**base_key, "images": image_set_digest(dataset)}
         return cached_inputs(os.path.join(args.output_dir, CACHE_FOLDER, f"{name}.pth"), key,
                              lambda: extract_inputs(run.inputs, dataset, args.batch_size_per_gpu, args.num_workers,
-                                                    context), log)
+                                                    context))
 
     return CachedBatches(load("train", train_set), {name: load(name, dataset)
                                                     for name, dataset in evaluation_sets.items()},
@@ -240,7 +243,7 @@ def _scores_state(scores: dict[str, list[Scores]] | None) -> dict[str, list[list
     return {name: [[s.acc1, s.acc5, s.loss, s.images] for s in per_head] for name, per_head in scores.items()}
 
 
-def _resume(path: str, run: GridRun, log: Callable[..., None]) -> tuple[int, dict[str, list[Scores]] | None]:
+def _resume(path: str, run: GridRun) -> tuple[int, dict[str, list[Scores]] | None]:
     """(first epoch to run, the last validation's scores) from ``path`` if it exists, else (0, None)."""
     if not os.path.isfile(path):
         return 0, None
@@ -258,12 +261,11 @@ def _resume(path: str, run: GridRun, log: Callable[..., None]) -> tuple[int, dic
     scores = checkpoint.get("scores")
     last = None if scores is None else {name: [Scores(*row[:3], int(row[3])) for row in rows]
                                         for name, rows in scores.items()}
-    log(f"resumed from {path}: epoch {checkpoint['epoch']} done", flush=True)
+    logger.info(f"resumed from {path}: epoch {checkpoint['epoch']} done")
     return int(checkpoint["epoch"]), last
 
 
-def _evaluate(args: argparse.Namespace, context: DistributedContext, run: GridRun,
-              log: Callable[..., None]) -> dict[str, Any]:
+def _evaluate(args: argparse.Namespace, context: DistributedContext, run: GridRun) -> dict[str, Any]:
     """Validates every head of the grid in ``--linear_weights``; reports the one its run chose."""
     checkpoint = read_checkpoint(args.linear_weights)
     saved, grid, val_set = checkpoint["grid"], run.grid, run.val_set
@@ -280,17 +282,17 @@ def _evaluate(args: argparse.Namespace, context: DistributedContext, run: GridRu
     chosen = checkpoint.get("chosen")
     rows = _grid_rows(grid.points, {"val": val}, run.lr_scale)
     for row in rows:
-        log(f"lr {row['lr']:g} (input set {row['inputs']}): val acc@1 {row['val_acc1']:.2f}, "
-            f"acc@5 {row['val_acc5']:.2f}")
+        logger.info(f"lr {row['lr']:g} (input set {row['inputs']}): val acc@1 {row['val_acc1']:.2f}, "
+                    f"acc@5 {row['val_acc5']:.2f}")
     results: dict[str, Any] = {"grid": rows, "chosen": chosen}
     if chosen is not None:
         results["val"] = vars(val[chosen])
-        log(f"Accuracy of the classifier chosen on held-out images (lr {grid.points[chosen].lr:g}) on the "
-            f"{len(val_set)} test images: {val[chosen].acc1:.1f}% (top-5 {val[chosen].acc5:.1f}%)")
+        logger.info(f"Accuracy of the classifier chosen on held-out images (lr {grid.points[chosen].lr:g}) on the "
+                    f"{len(val_set)} test images: {val[chosen].acc1:.1f}% (top-5 {val[chosen].acc5:.1f}%)")
     return results
 
 
-def _report(run: GridRun, scores: dict[str, list[Scores]], log: Callable[..., None]) -> dict[str, Any]:
+def _report(run: GridRun, scores: dict[str, list[Scores]]) -> dict[str, Any]:
     """Prints the grid's table and the chosen head; returns what probe_results.json holds."""
     settings, points, lr_scale, inputs = run.settings, run.points, run.lr_scale, run.inputs.describe()
     holdout = settings["holdout"]
@@ -308,11 +310,12 @@ def _report(run: GridRun, scores: dict[str, list[Scores]], log: Callable[..., No
     where = (f"on {holdout['images']} held-out training images (--val_split {holdout['val_split']:g}, seed "
              f"{holdout['seed']}); val labels are not used to choose (DINOv2 chooses on val)"
              if "holdout" in scores else "(a single classifier: nothing to choose)")
-    log("input sets: " + "; ".join(f"{i}: {text}" for i, text in enumerate(inputs)))
-    log("\n".join(lines))
+    logger.info("input sets: " + "; ".join(f"{i}: {text}" for i, text in enumerate(inputs)))
+    logger.info("\n".join(lines))
     val = scores["val"][chosen]
-    log(f"chosen {where}: lr {points[chosen].lr:g} ({points[chosen].lr * lr_scale:.4g} at the total batch), input set "
-        f"{points[chosen].inputs}; val top-1 {val.acc1:.2f}, top-5 {val.acc5:.2f} (n = {val.images})", flush=True)
+    logger.info(f"chosen {where}: lr {points[chosen].lr:g} ({points[chosen].lr * lr_scale:.4g} at the total batch), "
+                f"input set {points[chosen].inputs}; val top-1 {val.acc1:.2f}, top-5 {val.acc5:.2f} "
+                f"(n = {val.images})")
     return {"probe": settings["probe"], "recipe": settings["recipe"], "epochs": settings["epochs"],
             "warmup_epochs": settings["warmup_epochs"], "train_augmentation": settings["train_augmentation"],
             "inputs": inputs, "holdout": holdout, "selection": "held-out training images (not val)",

@@ -1,6 +1,6 @@
 """The trainable heads of the probes on frozen inputs: DINO's linear classifier, Efficient Probing's multi-query
 cross-attention and the common cross-attention pooler with a learned query. Each maps what
-:mod:`~dino_sparo.eval.probe_inputs` gives it to class logits."""
+:mod:`~dino_sparo.eval.probes.inputs` gives it to class logits."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
-from ..errors import UserError
+from ...errors import UserError
 
 PROBES = ("linear", "attentive", "cross_attention")
 
