@@ -158,7 +158,8 @@ def test_linear_grid_chooses_on_held_out_images_and_reports_every_point(data_and
     out = tmp_path / "grid"
     results = eval_linear.main(["--pretrained_weights", checkpoint, "--data_path", data, *GRID, "--epochs", "2",
                                 "--feature_sets", "0", "1+avgpool", "--output_dir", str(out)])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     rows = results["grid"]
     assert [(row["inputs"], row["lr"]) for row in rows] == [(i, lr) for i in (0, 1) for lr in DINOV2_GRID]
     assert results["inputs"] == ["SPARO read-out (96 dims)",
@@ -173,6 +174,9 @@ def test_linear_grid_chooses_on_held_out_images_and_reports_every_point(data_and
     assert results["val"]["images"] == 30 and results["holdout"]["seed"] == 0
     assert "val labels are not used to choose (DINOv2 chooses on val)" in printed
     assert results["val"]["acc1"] > 30  # chance is 10%
+    at_edge = rows[best]["lr"] in (min(DINOV2_GRID), max(DINOV2_GRID))
+    assert results["chosen"]["at_grid_edge"] == at_edge
+    assert ("a better one may lie beyond it" in captured.out + captured.err) == at_edge
     saved = json.loads((out / "probe_results.json").read_text())
     assert saved["grid"] == rows and saved["chosen"]["index"] == best
     log = read_log(out)
@@ -187,8 +191,12 @@ def test_linear_grid_chooses_on_held_out_images_and_reports_every_point(data_and
     assert evaluated["chosen"] == best and evaluated["val"]["acc1"] == pytest.approx(results["val"]["acc1"])
     assert "Accuracy of the classifier chosen on held-out images" in capsys.readouterr().out
     slots = eval_linear.main(["--pretrained_weights", checkpoint, "--data_path", data, *GRID, "--epochs", "1",
-                              "--slots", "1,3", "--learning_rates", "0.5", "--output_dir", str(tmp_path / "slots")])
-    assert slots["inputs"] == ["SPARO read-out slots 1,3 (32 dims)"] and len(slots["grid"]) == 1
+                              "--slots", "1,3", "--learning_rates", "1e-7", "0.5", "--output_dir",
+                              str(tmp_path / "slots")])
+    assert slots["inputs"] == ["SPARO read-out slots 1,3 (32 dims)"] and len(slots["grid"]) == 2
+    # A head that cannot move (lr 1e-7) loses: the choice sits at the grid's edge, and the output says so.
+    assert slots["chosen"]["lr"] == 0.5 and slots["chosen"]["at_grid_edge"]
+    assert "the chosen learning rate 0.5 is the grid's largest" in "".join(capsys.readouterr())
 
 
 def test_a_one_point_grid_trains_as_the_reference_classifier(data_and_checkpoint, tmp_path):

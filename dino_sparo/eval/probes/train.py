@@ -316,7 +316,13 @@ def _report(run: GridRun, scores: dict[str, list[Scores]]) -> dict[str, Any]:
     logger.info(f"chosen {where}: lr {points[chosen].lr:g} ({points[chosen].lr * lr_scale:.4g} at the total batch), "
                 f"input set {points[chosen].inputs}; val top-1 {val.acc1:.2f}, top-5 {val.acc5:.2f} "
                 f"(n = {val.images})")
+    rates = sorted({point.lr for point in points})
+    at_edge = len(rates) > 1 and points[chosen].lr in (rates[0], rates[-1])
+    if at_edge:
+        logger.warning(f"the chosen learning rate {points[chosen].lr:g} is the grid's "
+                       f"{'smallest' if points[chosen].lr == rates[0] else 'largest'}: a better one may lie beyond "
+                       "it; extend --learning_rates that way")
     return {"probe": settings["probe"], "recipe": settings["recipe"], "epochs": settings["epochs"],
             "warmup_epochs": settings["warmup_epochs"], "train_augmentation": settings["train_augmentation"],
             "inputs": inputs, "holdout": holdout, "selection": "held-out training images (not val)",
-            "chosen": {**rows[chosen], "index": chosen}, "val": vars(val), "grid": rows}
+            "chosen": {**rows[chosen], "index": chosen, "at_grid_edge": at_edge}, "val": vars(val), "grid": rows}
