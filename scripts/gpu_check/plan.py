@@ -11,11 +11,10 @@ from dataclasses import dataclass
 
 from benchmarks.machine import usable_cores
 
-# The small pretraining recipe of part 3 (about 15 iterations per epoch on the GPU image set).
-PRETRAIN_FLAGS = ("--arch", "vit_tiny", "--patch_size", "8", "--depth", "4", "--out_dim", "1024",
-                  "--head_hidden_dim", "256", "--head_bottleneck_dim", "64", "--global_crop_size", "32",
-                  "--local_crop_size", "16", "--local_crops_number", "2", "--batch_size_per_gpu", "16",
-                  "--epochs", "3", "--warmup_epochs", "1", "--saveckp_freq", "0", "--log_freq", "2")
+# Part 3's pretraining: the demo recipe (configs/demo.yaml), shortened (about 15 iterations per epoch on the GPU
+# image set).
+PRETRAIN_FLAGS = ("--config", "demo", "--batch_size_per_gpu", "16", "--epochs", "3", "--saveckp_freq", "0",
+                  "--log_freq", "2")
 EVAL_SIZE_FLAGS = ("--resize_size", "36", "--crop_size", "32")
 IMAGE_SIDE = 64  # of the generated class images of part 3
 PART_KEYS = ("environment", "cuda_tests", "end_to_end", "pretraining_speed", "throughput")
@@ -83,12 +82,11 @@ def gpu_plan() -> Plan:
         precisions=("bf16", "fp16"),
         device="cuda",
         workers=4,
-        # ViT-S/16 as DINO trains it on ImageNet, with the defaults (precision and augmentation device auto).
+        # ViT-S/16 as DINO trains it on ImageNet (configs/vits16_imagenet_8gpu.yaml, per GPU), with the defaults
+        # (precision and augmentation device auto).
         speed_run=SpeedRun(
-            flags=("--arch", "vit_small", "--patch_size", "16", "--out_dim", "65536", "--batch_size_per_gpu", "64",
-                   "--local_crops_number", "8", "--global_crop_size", "224", "--local_crop_size", "96",
-                   "--warmup_epochs", "1", "--saveckp_freq", "0", "--viz_freq", "0", "--log_freq", "50",
-                   "--device", "cuda", "--num_workers", str(_workers_beside_training())),
+            flags=("--config", "vits16_imagenet_8gpu", "--warmup_epochs", "1", "--saveckp_freq", "0", "--viz_freq",
+                   "0", "--log_freq", "50", "--device", "cuda", "--num_workers", str(_workers_beside_training())),
             # 200 iterations per epoch: 6-14 s at 900-2000 img/s, so that several epochs fit and the first
             # (worker start, cuDNN autotuning) can be told apart.
             distinct_photos=256, images=12800, epochs=4, stop_after_s=45),
