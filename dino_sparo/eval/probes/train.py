@@ -319,7 +319,7 @@ def _report(run: GridRun, scores: dict[str, list[Scores]]) -> dict[str, Any]:
     rates = sorted({point.lr for point in points})
     at_edge = len(rates) > 1 and points[chosen].lr in (rates[0], rates[-1])
     if at_edge:
-        logger.warning(f"the chosen learning rate {points[chosen].lr:g} is the grid's "
+        logger.warning(f"warning: the chosen learning rate {points[chosen].lr:g} is the grid's "
                        f"{'smallest' if points[chosen].lr == rates[0] else 'largest'}: a better one may lie beyond "
                        "it; extend --learning_rates that way")
     return {"probe": settings["probe"], "recipe": settings["recipe"], "epochs": settings["epochs"],
