@@ -214,6 +214,13 @@ def test_a_checkpoint_of_commit_9668c67_evaluates_and_resumes(data, tmp_path):
     results = eval_knn.main(["--pretrained_weights", str(out / "checkpoint.pth"), "--data_path", data,
                              "--nb_knn", "5", *EVAL_SIZES])
     assert set(results["knn"]) == {"5"}
+    linear = eval_linear.main(["--pretrained_weights", str(out / "checkpoint.pth"), "--data_path", data,
+                               "--lr", "0.001", "--epochs", "1", "--output_dir", str(tmp_path / "linear"), *EVAL_SIZES])
+    assert linear["features"] == "SPARO read-out (32 dims)" and len(linear["history"]) == 1
+    summary = visualize_sparo.main(["--pretrained_weights", str(out / "checkpoint.pth"), "--images",
+                                    os.path.join(data, "val"), "--max_images", "2", "--image_size", "32",
+                                    "--output_dir", str(tmp_path / "viz"), "--device", "cpu"])
+    assert len(summary["slots"]) == 4 and (tmp_path / "viz" / "slots.png").exists()
     resumed = train_dino(tiny_config(images, out, "--epochs", "2", *flags))
     assert resumed.start_epoch == 1 and [stats["epoch"] for stats in resumed.epoch_stats] == [1]
     decayed, undecayed = torch.load(out / "checkpoint.pth", weights_only=True)["optimizer"]["param_groups"]
