@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import PeerLost, UserError
 
@@ -37,6 +39,14 @@ class DistributedContext:
 def is_dist_initialized() -> bool:
     """True when a process group exists; every collective in the package is guarded by this."""
     return dist.is_available() and dist.is_initialized()
+
+
+def wrap_in_ddp(module: nn.Module, ctx: DistributedContext) -> nn.Module:
+    """``module`` in DistributedDataParallel (on ``ctx``'s GPU, or on the CPU with gloo) when a process group
+    exists, else ``module`` itself."""
+    if not is_dist_initialized():
+        return module
+    return DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
 def get_world_size() -> int:

@@ -34,6 +34,14 @@ def add_common_eval_args(parser: argparse.ArgumentParser, data_required: bool = 
     add_model_args(parser, from_checkpoint=True)
 
 
+def resolve_num_labels(requested: int | None, classes: int) -> int:
+    """``--num_labels`` (the linear layer's outputs), by default the number of classes in train/; never fewer."""
+    num_labels = classes if requested is None else requested
+    if num_labels < classes:
+        raise UserError(f"--num_labels {num_labels} is smaller than the {classes} classes of train/")
+    return num_labels
+
+
 def check_eval_args(args: argparse.Namespace, config: ModelConfig) -> None:
     """Checks that need the resolved model: a crop the patch embedding would silently truncate, etc."""
     if args.crop_size % config.patch_size:

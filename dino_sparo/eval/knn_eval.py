@@ -93,7 +93,10 @@ def _evaluate(args: argparse.Namespace, context: DistributedContext) -> dict[str
                                               verbose=context.is_main)
     model.to(context.device)
     check_eval_args(args, config)
-    slots = check_slots(args.slots, slot_layout(model, "--slots")[0]) if args.slots else None
+    slots = None
+    if args.slots:
+        num_slots, slot_dim = slot_layout(model, "--slots")
+        slots = check_slots(args.slots, num_slots)
     if args.per_slot or args.select_slots:
         slot_layout(model, "--per_slot" if args.per_slot else "--select_slots")  # a read-out with slots
 
@@ -108,11 +111,10 @@ def _evaluate(args: argparse.Namespace, context: DistributedContext) -> dict[str
 
     train_view, test_view = train_features, test_features
     if slots is not None:
-        slot_dim = slot_layout(model, "--slots")[1]
         train_view = restrict_to_slots(train_features, slots, slot_dim)
         test_view = restrict_to_slots(test_features, slots, slot_dim)
         results["slots"] = slots
-        logger.info(f"evaluating slots {','.join(map(str, slots))} of {slot_layout(model, '--slots')[0]}")
+        logger.info(f"evaluating slots {','.join(map(str, slots))} of {num_slots}")
     sweep = sharded_knn_sweep(train_view, train_labels, test_view, test_labels, args.nb_knn, args.temperatures,
                               num_classes)
     for (k, T), (top1, top5) in sweep.items():

@@ -1,5 +1,5 @@
 """The probes of ``eval_linear.py``: DINO's single linear classifier on frozen features (its eval_linear protocol,
-run with ``--lr``) for CLS and SPARO encodings, and the dispatch to the probe grid (:mod:`.probe_train`)."""
+run with ``--lr``) for CLS and SPARO encodings, and the dispatch to the probe grid (:mod:`.probes.train`)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import distributed
@@ -24,7 +23,8 @@ from ..logger import setup_logging
 from ..models.backbone import ReadoutBackbone
 from ..models.factory import build_pretrained_backbone
 from ..utils.files import append_json_line
-from .flags import check_eval_args
+from .flags import check_eval_args, resolve_num_labels
+from .probes.grid import GridScores
 from .probes.heads import LinearClassifier
 from .probes.inputs import ProbeFeatures, build_probe_inputs
 from .probes.train import run_probe_grid
@@ -116,9 +116,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any
     epochs = args.epochs or REFERENCE_EPOCHS
     train_set, val_set = labelled_splits(args.data_path, linear_train_transform(args.crop_size),
                                          eval_transform(args.resize_size, args.crop_size))
-    num_labels = args.num_labels if args.num_labels is not None else len(train_set.classes)
-    if num_labels < len(train_set.classes):
-        raise UserError(f"--num_labels {num_labels} is smaller than the {len(train_set.classes)} classes of train/")
+    num_labels = resolve_num_labels(args.num_labels, len(train_set.classes))
     logger.info(f"linear probe on {features.describe()}; {len(train_set)} train and {len(val_set)} val images, "
                 f"{num_labels} labels, {context.world_size} process(es)")
 
@@ -133,10 +131,7 @@ def _run(args: argparse.Namespace, context: DistributedContext) -> dict[str, Any
                     f"(top-5 {stats['acc5']:.1f}%)")
         return {"val": stats}
 
-    ddp_classifier = classifier
-    if distributed.is_dist_initialized():
-        ddp_classifier = DistributedDataParallel(
-            classifier, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+    ddp_classifier = distributed.wrap_in_ddp(classifier, context)
     lr = args.lr * args.batch_size_per_gpu * context.world_size / 256.0
     optimizer = torch.optim.SGD(classifier.parameters(), lr, momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
@@ -206,18 +201,12 @@ def validate(features: ProbeFeatures, classifier: nn.Module, loader: DataLoader,
              device: torch.device) -> dict[str, float]:
     """Top-1/top-5 accuracy (percent) and mean loss over the whole val set, each rank taking its own shard."""
     classifier.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, images
+    scores = GridScores(1)
     for images, labels in loader:
-        labels = labels.to(device, non_blocking=True)
         logits = classifier(features(images.to(device, non_blocking=True)))
-        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.view(-1, 1)
-        sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(),
-                              ranked[:, 0].sum().item(), ranked.any(dim=1).sum().item(), labels.numel()],
-                             dtype=torch.float64)
-    sums = distributed.all_reduce_sum(sums)
-    count = max(1.0, float(sums[3]))
-    return {"acc1": float(100 * sums[1] / count), "acc5": float(100 * sums[2] / count),
-            "loss": float(sums[0] / count)}
+        scores.add([logits], labels.to(device, non_blocking=True))
+    (result,) = scores.reduce()
+    return {"acc1": result.acc1, "acc5": result.acc5, "loss": result.loss}
 
 
 def _read_linear_checkpoint(path: str, features: str) -> dict[str, Any]:

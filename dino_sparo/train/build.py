@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from ..distributed import DistributedContext, is_dist_initialized
+from ..distributed import DistributedContext, is_dist_initialized, wrap_in_ddp
 from ..loss import DINOLoss
 from ..models import DINOHead, MultiCropWrapper, build_backbone
 from ..optim import build_optimizer, get_params_groups, unfrozen_param_groups
@@ -19,7 +18,7 @@ def build_training(config: TrainConfig, ctx: DistributedContext | None = None) -
     ``config.device``)."""
     ctx = ctx or DistributedContext(device=torch.device(config.device))
     student, teacher = build_models(config, ctx.device)
-    stepped = wrap_for_distributed(student, ctx)
+    stepped = wrap_in_ddp(student, ctx)  # the teacher never is (it has no gradients), as in the reference
     dino_loss = DINOLoss(config.out_dim, config.ncrops, config.warmup_teacher_temp, config.teacher_temp,
                          config.warmup_teacher_temp_epochs, config.epochs).to(ctx.device)
     optimizer = build_optimizer(config.optimizer, get_params_groups(student, config.model.readout_options),
@@ -60,15 +59,6 @@ def build_models(config: TrainConfig, device: torch.device) -> tuple[MultiCropWr
     return student, teacher
 
 
-def wrap_for_distributed(student: nn.Module, ctx: DistributedContext) -> nn.Module:
-    """The student as the step runs it: in DistributedDataParallel when a process group exists. The teacher never
-    is (it has no gradients), as in the reference."""
-    if not is_dist_initialized():
-        return student
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(student, device_ids=device_ids)
-
-
 def unfreeze_backbone(step: TrainStep, config: TrainConfig, ctx: DistributedContext) -> None:
     """Continued training's second stage (``--unfreeze_at``): what ``--freeze_blocks`` froze trains from now on.
     The optimizer gains their groups (following the backbone's schedule, with the layer-wise decay) and keeps the
@@ -80,5 +70,5 @@ def unfreeze_backbone(step: TrainStep, config: TrainConfig, ctx: DistributedCont
     for group in unfrozen_param_groups(student, frozen, config.layerwise_decay):
         step.optimizer.add_param_group(group)
     step.frozen_blocks = None
-    step.student = wrap_for_distributed(student, ctx)
+    step.student = wrap_in_ddp(student, ctx)
     step.pair_for_ema()

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
 from ... import distributed
@@ -25,7 +24,7 @@ from ...distributed import DistributedContext
 from ...errors import UserError
 from ...models.factory import build_pretrained_backbone
 from ...utils.files import append_json_line, write_json_atomic
-from ..flags import check_eval_args
+from ..flags import check_eval_args, resolve_num_labels
 from .batches import Batch, CachedBatches, ImageBatches
 from .cache import cached_inputs, extract_inputs, image_set_digest
 from .grid import GridPoint, GridScores, ProbeGrid, Scores, choose, grid_loss
@@ -83,10 +82,7 @@ def run_probe_grid(args: argparse.Namespace, context: DistributedContext) -> dic
                                context, args.seed)
     else:
         batches = _cached_batches(args, context, run, train_set, evaluation_sets)
-    model = run.grid
-    if distributed.is_dist_initialized():
-        model = DistributedDataParallel(run.grid, device_ids=[context.device.index]
-                                        if context.device.type == "cuda" else None)
+    model = distributed.wrap_in_ddp(run.grid, context)
     history = []
     for epoch in range(start_epoch, run.epochs):
         # Augmentations depend on (epoch, rank) only, so a resumed run repeats the uninterrupted one.
@@ -139,9 +135,7 @@ def _build(args: argparse.Namespace, context: DistributedContext) -> GridRun:
     view = eval_transform(args.resize_size, args.crop_size)
     train_all, val_set = labelled_splits(args.data_path, linear_train_transform(args.crop_size) if augment else view,
                                          view)
-    num_labels = args.num_labels if args.num_labels is not None else len(train_all.classes)
-    if num_labels < len(train_all.classes):
-        raise UserError(f"--num_labels {num_labels} is smaller than the {len(train_all.classes)} classes of train/")
+    num_labels = resolve_num_labels(args.num_labels, len(train_all.classes))
     learning_rates = [args.lr] if args.lr is not None else list(args.learning_rates or recipe.learning_rates)
     points = [GridPoint(index, lr) for index in range(len(inputs.dims)) for lr in learning_rates]
     grid = ProbeGrid(lambda index: build_head(args.probe, inputs.dims[index], num_labels, args.probe_queries,
@@ -243,6 +237,12 @@ def _scores_state(scores: dict[str, list[Scores]] | None) -> dict[str, list[list
     return {name: [[s.acc1, s.acc5, s.loss, s.images] for s in per_head] for name, per_head in scores.items()}
 
 
+def _differences(saved: dict[str, Any], settings: dict[str, Any], names: Iterable[str]) -> list[str]:
+    """``name saved (now current)`` for each of ``names`` whose saved setting differs from ``settings``'."""
+    return [f"{name} {saved.get(name)!r} (now {settings[name]!r})" for name in names
+            if saved.get(name) != settings[name]]
+
+
 def _resume(path: str, run: GridRun) -> tuple[int, dict[str, list[Scores]] | None]:
     """(first epoch to run, the last validation's scores) from ``path`` if it exists, else (0, None)."""
     if not os.path.isfile(path):
@@ -251,9 +251,7 @@ def _resume(path: str, run: GridRun) -> tuple[int, dict[str, list[Scores]] | Non
     if not isinstance(checkpoint, dict) or "grid" not in checkpoint:
         raise UserError(f"{path} was not written by a probe grid (a single classifier's, run with --lr?): use "
                         f"another --output_dir")
-    saved = checkpoint["grid"]
-    differences = [f"{name} {saved.get(name)!r} (now {value!r})" for name, value in run.settings.items()
-                   if saved.get(name) != value]
+    differences = _differences(checkpoint["grid"], run.settings, run.settings)
     if differences:
         raise UserError(f"{path} was written with other settings: {'; '.join(differences)}; run with the same flags "
                         f"to resume it, or choose another --output_dir")
@@ -268,9 +266,8 @@ def _resume(path: str, run: GridRun) -> tuple[int, dict[str, list[Scores]] | Non
 def _evaluate(args: argparse.Namespace, context: DistributedContext, run: GridRun) -> dict[str, Any]:
     """Validates every head of the grid in ``--linear_weights``; reports the one its run chose."""
     checkpoint = read_checkpoint(args.linear_weights)
-    saved, grid, val_set = checkpoint["grid"], run.grid, run.val_set
-    differences = [f"{name} {saved.get(name)!r} (now {run.settings[name]!r})" for name in HEAD_SETTINGS
-                   if saved.get(name) != run.settings[name]]
+    grid, val_set = run.grid, run.val_set
+    differences = _differences(checkpoint["grid"], run.settings, HEAD_SETTINGS)
     if differences:
         raise UserError(f"{args.linear_weights} holds another grid: {'; '.join(differences)}: use the flags it was "
                         f"trained with")
