@@ -33,6 +33,26 @@ def data_and_checkpoint(tmp_path_factory):
     return data, checkpoint
 
 
+
+def interrupt_at_call(monkeypatch, module, name: str, call: int, argv: list, output_dir) -> None:
+    """Runs eval_linear.py as its script does with ``module.name`` raising KeyboardInterrupt (Ctrl-C) at its
+    ``call``-th call: exit status 130 and the checkpoint of epoch 1 on disk; ``module.name`` is then restored."""
+    real = getattr(module, name)
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupting)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: eval_linear.main([*argv, "--output_dir", str(output_dir)]))
+    assert exit_info.value.code == 130
+    assert torch.load(output_dir / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(module, name, real)
+
 def test_linear_classifier_initialisation():
     classifier = LinearClassifier(2000, 50)
     assert torch.all(classifier.linear.bias == 0)
@@ -89,21 +109,7 @@ def test_trains_above_chance_then_resumes_and_evaluates(data_and_checkpoint, tmp
     assert set(saved) >= {"epoch", "state_dict", "optimizer", "scheduler", "best_acc"}
 
     # Interrupted during the second epoch's validation: the checkpoint of epoch 1 stays intact.
-    calls = {"n": 0}
-    real_validate = linear.validate
-
-    def validate_then_interrupt(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_validate(*args, **kwargs)
-
-    monkeypatch.setattr(linear, "validate", validate_then_interrupt)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: eval_linear.main([*argv, "--output_dir", str(tmp_path / "resumed")]))
-    assert exit_info.value.code == 130
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(linear, "validate", real_validate)
+    interrupt_at_call(monkeypatch, linear, "validate", 2, argv, tmp_path / "resumed")
     resumed = eval_linear.main([*argv, "--output_dir", str(tmp_path / "resumed")])
     assert resumed["start_epoch"] == 1 and [r["epoch"] for r in read_log(tmp_path / "resumed")] == [0, 1]
     final = torch.load(tmp_path / "resumed" / "checkpoint.pth.tar", weights_only=True)
@@ -220,21 +226,8 @@ def test_attentive_probes_resume_exactly(data_and_checkpoint, tmp_path, monkeypa
     data, checkpoint = data_and_checkpoint
     argv = ["--pretrained_weights", checkpoint, "--data_path", data, *GRID, "--epochs", "3", *probe_flags]
     straight = eval_linear.main([*argv, "--output_dir", str(tmp_path / "straight")])
-    calls = {"n": 0}
-    real_score = probe_train.score
-
-    def score_then_interrupt(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # epoch 2's first validation: the checkpoint of epoch 1 is on disk
-            raise KeyboardInterrupt
-        return real_score(*args, **kwargs)
-
-    monkeypatch.setattr(probe_train, "score", score_then_interrupt)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: eval_linear.main([*argv, "--output_dir", str(tmp_path / "resumed")]))
-    assert exit_info.value.code == 130
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(probe_train, "score", real_score)
+    # the 3rd call is epoch 2's first validation: the checkpoint of epoch 1 is on disk
+    interrupt_at_call(monkeypatch, probe_train, "score", 3, argv, tmp_path / "resumed")
     capsys.readouterr()
     resumed = eval_linear.main([*argv, "--output_dir", str(tmp_path / "resumed")])
     cached = "--train_augmentation" in probe_flags
