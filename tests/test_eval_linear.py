@@ -33,7 +33,6 @@ def data_and_checkpoint(tmp_path_factory):
     return data, checkpoint
 
 
-
 def interrupt_at_call(monkeypatch, module, name: str, call: int, argv: list, output_dir) -> None:
     """Runs eval_linear.py as its script does with ``module.name`` raising KeyboardInterrupt (Ctrl-C) at its
     ``call``-th call: exit status 130 and the checkpoint of epoch 1 on disk; ``module.name`` is then restored."""
